@@ -1,0 +1,1220 @@
+"""Stream a language model's answer to the people reading it, one token the moment it exists.
+
+A Starlette app (`service:app`) between clients and any OpenAI-compatible upstream (OpenAI, vLLM,
+Ollama, llama.cpp). The blocking `openai.OpenAI` client reads the upstream in anyio worker threads
+(`iterate_in_threadpool`), and a `StreamingResponse` writes each piece to the client as it arrives.
+Around that shape: a client that leaves closes the upstream at once, a full service says so instead
+of queueing in silence, SSE heartbeats keep proxies from dropping quiet streams, and a deploy ends
+open streams with an explicit signal rather than a cut-off sentence.
+
+The module reads top to bottom: configuration, upstream adapter, framing, relay, routes, demo model,
+app. Run it with `python service.py` (settings from the environment; see README.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import httpcore2
+import httpx2
+import openai
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger("service")
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration: read from the environment once, at start-up. A bad value stops the start.
+# ------------------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A setting has a value the service cannot run with; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    model: str = "gpt-4o-mini"
+    api_keys: tuple[str, ...] = ()
+    allow_anonymous: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_streams: int = 500
+    heartbeat_seconds: float = 15.0
+    shutdown_grace_seconds: float = 20.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    max_stream_seconds: float = 900.0
+    max_retries: int = 2
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_query_chars: int = 4000
+    demo_seconds_per_word: float = 0.06
+    log_level: str = "info"
+
+    @property
+    def demo(self) -> bool:
+        """No upstream configured: answer from the built-in demo model."""
+        return self.openai_api_key is None and self.openai_base_url is None
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    def text(name: str) -> str | None:
+        value = environ.get(name, "").strip()
+        return value or None
+
+    def number(name: str, default: float, low: float, high: float, kind: type = float) -> Any:
+        raw = text(name)
+        if raw is None:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a {kind.__name__} between {low} and {high}, not {raw!r}") from None
+        if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"{name} must be between {low} and {high}, not {raw!r}")
+        return value
+
+    def flag(name: str) -> bool:
+        raw = (text(name) or "0").lower()
+        if raw not in {"0", "1", "true", "false", "yes", "no"}:
+            raise ConfigError(f"{name} must be 1 or 0, not {raw!r}")
+        return raw in {"1", "true", "yes"}
+
+    base_url = text("OPENAI_BASE_URL")
+    if base_url is not None and not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"OPENAI_BASE_URL must start with http:// or https://, not {base_url!r}")
+    log_level = (text("LOG_LEVEL") or "info").lower()
+    if log_level not in {"critical", "error", "warning", "info", "debug"}:
+        raise ConfigError(f"LOG_LEVEL must be one of critical, error, warning, info, debug, not {log_level!r}")
+    api_keys = tuple(key.strip() for key in (text("API_KEYS") or "").split(",") if key.strip())
+    settings = Settings(
+        openai_api_key=text("OPENAI_API_KEY"),
+        openai_base_url=base_url,
+        model=text("OPENAI_MODEL") or ("demo" if base_url is None and text("OPENAI_API_KEY") is None else "gpt-4o-mini"),
+        api_keys=api_keys,
+        allow_anonymous=flag("ALLOW_ANONYMOUS"),
+        host=text("HOST") or "127.0.0.1",
+        port=number("PORT", 8000, 0, 65535, int),
+        max_streams=number("MAX_STREAMS", 500, 1, 100_000, int),
+        heartbeat_seconds=number("HEARTBEAT_SECONDS", 15.0, 0.01, 3600),
+        shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", 20.0, 0, 3600),
+        connect_timeout=number("UPSTREAM_CONNECT_TIMEOUT", 10.0, 0.01, 600),
+        read_timeout=number("UPSTREAM_READ_TIMEOUT", 300.0, 0.01, 86400),
+        max_stream_seconds=number("MAX_STREAM_SECONDS", 900.0, 0.01, 86400),
+        max_retries=number("UPSTREAM_MAX_RETRIES", 2, 0, 10, int),
+        max_body_bytes=number("MAX_BODY_BYTES", 4 * 1024 * 1024, 1024, 1024**3, int),
+        max_query_chars=number("MAX_QUERY_CHARS", 4000, 1, 100_000, int),
+        demo_seconds_per_word=number("DEMO_SECONDS_PER_WORD", 0.06, 0, 10),
+        log_level=log_level,
+    )
+    if not settings.demo and not settings.api_keys and not settings.allow_anonymous:
+        raise ConfigError(
+            "API_KEYS is empty, so anyone who can reach this service could spend the upstream's budget. "
+            "Set API_KEYS to a comma-separated list of keys that clients must send as "
+            "'Authorization: Bearer <key>' (for example API_KEYS=$(python -c 'import secrets; print(secrets.token_urlsafe())')), "
+            "or set ALLOW_ANONYMOUS=1 to serve without keys."
+        )
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}
+# ------------------------------------------------------------------------------------------------
+
+
+class ServiceError(Exception):
+    """An answer that is not the model's: an HTTP status and an OpenAI-shaped error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | int | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class StreamFailure(Exception):
+    """The stream cannot go on after the response started; the client gets a terminal error frame."""
+
+    def __init__(self, type: str, message: str) -> None:
+        super().__init__(message)
+        self.type, self.message = type, message
+
+    def error(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.type, "param": None, "code": None}
+
+
+# ------------------------------------------------------------------------------------------------
+# Upstream adapter: the blocking openai client, read in worker threads, interruptible from the loop.
+#
+# A worker thread blocked in recv() cannot be cancelled, and Starlette's disconnect handling waits
+# for it; meanwhile the upstream keeps generating (and billing). So every socket the openai client
+# reads or writes is registered with the UpstreamCall being served (found through a ContextVar,
+# which anyio copies into its worker threads), and UpstreamCall.abort() shuts that socket down from
+# the event loop: the blocked read returns at once, whether the upstream is mid-answer, silent
+# before its first token, or has not even sent its response headers yet.
+# ------------------------------------------------------------------------------------------------
+
+
+class ClientGone(openai.OpenAIError):
+    """Raised in a worker thread whose call was aborted. An OpenAIError, so the openai client
+    neither retries it nor wraps it."""
+
+
+_serving: ContextVar[UpstreamCall | None] = ContextVar("serving_upstream_call", default=None)
+
+
+class UpstreamCall:
+    """One request to the upstream (one round of an answer), abortable from any thread."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self.finished = False
+        self._stream: _InterruptibleStream | None = None
+
+    def attach(self, stream: _InterruptibleStream) -> None:
+        """Called in the worker thread before each blocking read or write on `stream`."""
+        with stream.lock:
+            stream.owner = self
+            self._stream = stream
+            aborted = self.aborted
+        if aborted:
+            raise ClientGone("the client went away")
+
+    def abort(self) -> None:
+        """Stop the call now: the worker thread's blocking read returns and the upstream sees EOF."""
+        self.aborted = True
+        stream = self._stream
+        if stream is None or self.finished:
+            return
+        with stream.lock:
+            # A pooled connection may already serve another call; only shut down our own.
+            if stream.owner is self:
+                stream.interrupt()
+
+    def finish(self) -> None:
+        """The call is over and its connection may go back to the pool: abort() must not touch it."""
+        self.finished = True
+
+
+class _InterruptibleStream(httpcore2.NetworkStream):
+    def __init__(self, inner: httpcore2.NetworkStream) -> None:
+        self._inner = inner
+        self._socket: socket.socket = inner.get_extra_info("socket")
+        self.lock = threading.Lock()
+        self.owner: UpstreamCall | None = None
+
+    def _attach(self) -> UpstreamCall | None:
+        call = _serving.get()
+        if call is not None:
+            call.attach(self)
+        return call
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        call = self._attach()
+        try:
+            data = self._inner.read(max_bytes, timeout)
+        except httpcore2.ReadError:
+            if call is not None and call.aborted:
+                raise ClientGone("the client went away") from None
+            raise
+        if not data and call is not None and call.aborted:
+            raise ClientGone("the client went away")
+        return data
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._attach()
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+        return _InterruptibleStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+    def interrupt(self) -> None:
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed by the other side
+
+
+class _InterruptibleBackend(httpcore2.SyncBackend):
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore2.NetworkStream:
+        call = _serving.get()
+        if call is not None and call.aborted:
+            raise ClientGone("the client went away")
+        return _InterruptibleStream(super().connect_tcp(*args, **kwargs))
+
+
+def make_openai_client(settings: Settings, base_url: str | None) -> openai.OpenAI:
+    transport = httpx2.HTTPTransport(
+        limits=httpx2.Limits(max_connections=settings.max_streams + 16, max_keepalive_connections=64)
+    )
+    # httpx has no public setting for the network backend; its pool reads this for each new connection.
+    transport._pool._network_backend = _InterruptibleBackend()
+    timeout = httpx2.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+    return openai.OpenAI(
+        api_key=settings.openai_api_key or "no-key",  # local servers (Ollama, vLLM) take any key
+        base_url=base_url,
+        max_retries=settings.max_retries,
+        timeout=timeout,
+        http_client=httpx2.Client(transport=transport, timeout=timeout),
+    )
+
+
+async def in_worker_thread(call: UpstreamCall, function: Callable[[], T]) -> T:
+    """Run `function` in a worker thread whose socket I/O `call.abort()` can interrupt."""
+    token = _serving.set(call)
+    try:
+        return await anyio.to_thread.run_sync(function)
+    finally:
+        _serving.reset(token)
+
+
+def _upstream_message(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, Mapping) and isinstance(body.get("message"), str):
+        return body["message"]
+    return f"The upstream answered HTTP {error.status_code}."
+
+
+def service_error_from(error: openai.OpenAIError) -> ServiceError:
+    """What the client sees when the upstream fails before the first byte of the answer."""
+    if isinstance(error, openai.APITimeoutError):
+        return ServiceError(504, "The upstream did not answer in time.", "upstream_timeout", "upstream_timeout")
+    if isinstance(error, openai.APIConnectionError):
+        return ServiceError(502, "The upstream could not be reached.", "upstream_error", "upstream_unreachable")
+    if not isinstance(error, openai.APIStatusError):
+        return ServiceError(502, "The upstream request failed.", "upstream_error", "upstream_error")
+    status = error.status_code
+    body = error.body if isinstance(error.body, Mapping) else {}
+    if status == 429:
+        retry_after = error.response.headers.get("retry-after")
+        return ServiceError(
+            429,
+            _upstream_message(error),
+            str(body.get("type") or "rate_limit_error"),
+            body.get("code") or "rate_limit_exceeded",
+            headers={"Retry-After": retry_after} if retry_after else None,
+        )
+    if status in (400, 404, 409, 413, 422):
+        return ServiceError(
+            status, _upstream_message(error), str(body.get("type") or "invalid_request_error"), body.get("code"), body.get("param")
+        )
+    if status in (401, 402, 403):
+        # The operator's credentials or account, not the client's request; the upstream's message
+        # may quote part of the key, so it is not passed on.
+        return ServiceError(
+            502,
+            f"The upstream refused this service's credentials (HTTP {status}); the operator must check OPENAI_API_KEY.",
+            "upstream_error",
+            "upstream_auth_failed",
+        )
+    return ServiceError(502, f"The upstream failed (HTTP {status}): {_upstream_message(error)}", "upstream_error", "upstream_error")
+
+
+async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
+    """Send one chat completion request; return once the upstream's response headers arrived.
+
+    The request body is the client's, passed through field by field (`extra_body`), so fields this
+    service does not know still reach the upstream.
+    """
+    fields = dict(body)
+    model, messages, stream = fields.pop("model"), fields.pop("messages"), fields.pop("stream", False)
+
+    def send() -> httpx2.Response:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, stream=stream, extra_body=fields
+        )
+        return raw.http_response
+
+    try:
+        return await in_worker_thread(call, send)
+    except ClientGone:
+        raise
+    except openai.OpenAIError as error:
+        raise service_error_from(error) from None
+
+
+DONE = b"[DONE]"
+
+
+class SSEDecoder:
+    """Splits an upstream SSE byte stream into the data payloads of its events.
+
+    Comment lines (": OPENROUTER PROCESSING", keep-alives) and events without data are dropped;
+    multi-line data is joined with newlines, as the SSE specification says.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        data = self._buffer + data
+        if b"\r" in data:
+            held = b"\r" if data.endswith(b"\r") else b""  # may be the first half of \r\n
+            data = data[: len(data) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
+        *events, self._buffer = data.split(b"\n\n")
+        payloads = []
+        for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                payloads.append(event[6:])  # the common case, without splitting lines
+                continue
+            lines = [line[5:] for line in event.split(b"\n") if line.startswith(b"data:")]
+            if lines:
+                payloads.append(b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines))
+        return payloads
+
+
+def upstream_events(call: UpstreamCall, response: httpx2.Response) -> Iterator[list[bytes]]:
+    """The upstream's event payloads, one list per network read, up to and including [DONE].
+
+    Runs in worker threads, one thread hop per read, however many events the read carried.
+    """
+    decoder = SSEDecoder()
+    try:
+        for data in response.iter_bytes():
+            payloads = decoder.feed(data)
+            if DONE in payloads:
+                yield payloads[: payloads.index(DONE) + 1]
+                return
+            if payloads:
+                yield payloads
+    except ClientGone:
+        raise
+    except httpx2.TimeoutException:
+        raise StreamFailure("upstream_timeout", "The upstream stopped sending in the middle of the answer.") from None
+    except (httpx2.HTTPError, OSError):
+        raise StreamFailure("upstream_error", "The upstream connection broke in the middle of the answer.") from None
+    finally:
+        call.finish()
+        response.close()
+
+
+def read_whole(call: UpstreamCall, response: httpx2.Response) -> bytes:
+    """A non-streamed answer's body (runs in a worker thread)."""
+    try:
+        return response.read()
+    except ClientGone:
+        raise
+    except httpx2.TimeoutException:
+        raise ServiceError(504, "The upstream did not answer in time.", "upstream_timeout", "upstream_timeout") from None
+    except (httpx2.HTTPError, OSError):
+        raise ServiceError(502, "The upstream connection broke.", "upstream_error", "upstream_error") from None
+    finally:
+        call.finish()
+        response.close()
+
+
+def parse_chunk(payload: bytes) -> dict[str, Any]:
+    try:
+        chunk = json.loads(payload)
+    except ValueError:
+        raise StreamFailure("upstream_error", "The upstream sent an event that is not JSON.") from None
+    if not isinstance(chunk, dict):
+        raise StreamFailure("upstream_error", "The upstream sent an event that is not a JSON object.")
+    if chunk.get("error") is not None:
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else None
+        raise StreamFailure("upstream_error", f"The upstream reported an error: {message or error}")
+    return chunk
+
+
+# ------------------------------------------------------------------------------------------------
+# Framing: how pieces of the answer are written for each kind of client.
+# ------------------------------------------------------------------------------------------------
+
+
+class Framing:
+    media_type = "text/plain"
+    heartbeat: bytes | None = None  # sent after HEARTBEAT_SECONDS without anything else
+
+    def done(self) -> bytes:
+        """The frames that tell the client the answer is complete."""
+        return b""
+
+    def failure(self, failure: StreamFailure) -> bytes | None:
+        """The terminal frame for a failed stream; None ends the response without its terminator."""
+        return None
+
+
+class OpenAIFraming(Framing):
+    """/v1/chat/completions: the upstream's events, byte for byte, as OpenAI's SSE."""
+
+    media_type = "text/event-stream"
+    heartbeat = b": ping\n\n"
+
+    def events(self, payloads: list[bytes]) -> bytes:
+        frames = []
+        for payload in payloads:
+            if payload == DONE:
+                break
+            # Pass-through without decoding into objects; only what may be an error or is not a
+            # JSON object at all is looked at closely.
+            if b'"error"' in payload or not (payload.startswith(b"{") and payload.rstrip().endswith(b"}")):
+                parse_chunk(payload)
+            frames.append(b"data: " + payload + b"\n\n")
+        return b"".join(frames)
+
+    def done(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def failure(self, failure: StreamFailure) -> bytes:
+        return b"data: " + json.dumps({"error": failure.error()}).encode() + b"\n\n" + self.done()
+
+
+@dataclass
+class Transcript:
+    """What the upstream said for one /chat answer: the text of choice 0, how it ended, usage."""
+
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    refusal: str = ""
+    ended: bool = False  # [DONE] seen
+
+    def read(self, payloads: list[bytes]) -> list[str]:
+        """The text deltas in `payloads`, in order; records finish reason and usage on the way."""
+        texts = []
+        for payload in payloads:
+            if payload == DONE:
+                self.ended = True
+                break
+            chunk = parse_chunk(payload)
+            if isinstance(chunk.get("usage"), dict):
+                self.usage = chunk["usage"]  # some servers send running totals on every chunk
+            for choice in chunk.get("choices") or ():
+                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta") or {}
+                if isinstance(delta.get("content"), str) and delta["content"]:
+                    texts.append(delta["content"])
+                if isinstance(delta.get("refusal"), str):
+                    self.refusal += delta["refusal"]
+                if choice.get("finish_reason"):
+                    self.finish_reason = choice["finish_reason"]
+        return texts
+
+    def summary(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {"finish_reason": self.finish_reason, "usage": self.usage}
+        if self.refusal:
+            summary["refusal"] = self.refusal
+        return summary
+
+
+class ChatFraming(Framing):
+    """/chat as plain text: the raw deltas. A failure leaves the response visibly unfinished."""
+
+    def __init__(self, transcript: Transcript) -> None:
+        self.transcript = transcript
+
+    def deltas(self, texts: list[str]) -> bytes:
+        return "".join(texts).encode()
+
+
+class ChatSSEFraming(ChatFraming):
+    media_type = "text/event-stream"
+    heartbeat = b": ping\n\n"
+
+    def deltas(self, texts: list[str]) -> bytes:
+        return b"".join(self._event("delta", {"text": text}) for text in texts)
+
+    def done(self) -> bytes:
+        return self._event("done", self.transcript.summary())
+
+    def failure(self, failure: StreamFailure) -> bytes:
+        return self._event("error", {"error": failure.error()})
+
+    @staticmethod
+    def _event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class ChatNDJSONFraming(ChatFraming):
+    media_type = "application/x-ndjson"
+
+    def deltas(self, texts: list[str]) -> bytes:
+        return b"".join(self._line({"type": "delta", "text": text}) for text in texts)
+
+    def done(self) -> bytes:
+        return self._line({"type": "done", **self.transcript.summary()})
+
+    def failure(self, failure: StreamFailure) -> bytes:
+        return self._line({"type": "error", "error": failure.error()})
+
+    @staticmethod
+    def _line(data: dict[str, Any]) -> bytes:
+        return (json.dumps(data, ensure_ascii=False) + "\n").encode()
+
+
+CHAT_FRAMINGS: dict[str, type[ChatFraming]] = {
+    "text/plain": ChatFraming,
+    "text/event-stream": ChatSSEFraming,
+    "application/x-ndjson": ChatNDJSONFraming,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Relay: one streaming response, from the first upstream byte to the last client byte.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """What the routes share: built at start-up by the lifespan."""
+
+    settings: Settings
+    client: openai.OpenAI | None = None
+    streams: anyio.CapacityLimiter | None = None
+    shutting_down: anyio.Event | None = None
+    demo: DemoModel | None = None
+
+
+class Slot:
+    """A place among MAX_STREAMS upstream calls, held from admission to the response's end."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+        self._limiter = limiter
+        try:
+            limiter.acquire_on_behalf_of_nowait(self)
+        except anyio.WouldBlock:
+            raise ServiceError(
+                503,
+                f"The service is serving its maximum of {int(limiter.total_tokens)} streams; retry shortly.",
+                "server_busy",
+                "capacity_exceeded",
+                headers={"Retry-After": "1"},
+            ) from None
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limiter.release_on_behalf_of(self)
+
+
+Producer = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+
+class RelayResponse(StreamingResponse):
+    """A StreamingResponse whose body comes from a producer task reading the upstream.
+
+    The response itself only writes: frames as they come, a heartbeat when nothing came for
+    HEARTBEAT_SECONDS, and one terminal frame. It ends the stream (and aborts the upstream call)
+    when the client leaves, when MAX_STREAM_SECONDS pass, or SHUTDOWN_GRACE_SECONDS after a
+    shutdown signal.
+    """
+
+    def __init__(
+        self, runtime: Runtime, framing: Framing, produce: Producer, calls: list[UpstreamCall], slot: Slot
+    ) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if framing.media_type == "text/plain":
+            headers["X-Content-Type-Options"] = "nosniff"
+        super().__init__((), headers=headers, media_type=framing.media_type)
+        self.runtime, self.framing, self.produce, self.calls, self.slot = runtime, framing, produce, calls, slot
+        self.outcome = "completed"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.abort_upstream()
+            self.slot.release()
+
+    def abort_upstream(self) -> None:
+        for call in self.calls:
+            call.abort()
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        settings = self.runtime.settings
+        frames_in, frames_out = anyio.create_memory_object_stream[bytes](8)
+        failure: list[StreamFailure] = []
+
+        async def produce() -> None:
+            async with frames_in:
+                try:
+                    await self.produce(frames_in.send)
+                except StreamFailure as error:
+                    failure.append(error)
+                except ClientGone:
+                    pass  # the writer has already ended the response
+
+        ending: StreamFailure | None = None
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(produce)
+            try:
+                with anyio.CancelScope(deadline=anyio.current_time() + settings.max_stream_seconds) as writing:
+                    tasks.start_soon(self._end_on_shutdown, writing)
+                    await self._write(send, frames_out)
+                    ending = failure[0] if failure else None
+                if writing.cancelled_caught:
+                    ending = self._cut_short_reason()
+            finally:
+                # Also when the client left and Starlette cancelled us: the producer's worker thread
+                # may be blocked on the upstream, and this task group waits for it.
+                self.abort_upstream()
+                tasks.cancel_scope.cancel()
+
+        if ending is None:
+            await send({"type": "http.response.body", "body": self.framing.done(), "more_body": False})
+            return
+        self.outcome = ending.type
+        final = self.framing.failure(ending)
+        if final is not None:
+            await send({"type": "http.response.body", "body": final, "more_body": False})
+        # else: the response stays unfinished (no chunked terminator), so a plain-text reader sees
+        # an incomplete read, never a clean end that looks like a whole answer.
+
+    async def _write(self, send: Send, frames: anyio.abc.ObjectReceiveStream[bytes]) -> None:
+        heartbeat = self.framing.heartbeat
+        idle = self.runtime.settings.heartbeat_seconds if heartbeat else math.inf
+        while True:
+            frame = heartbeat
+            with anyio.move_on_after(idle):
+                try:
+                    frame = await frames.receive()
+                except anyio.EndOfStream:
+                    return
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+
+    async def _end_on_shutdown(self, writing: anyio.CancelScope) -> None:
+        assert self.runtime.shutting_down is not None
+        await self.runtime.shutting_down.wait()
+        await anyio.sleep(self.runtime.settings.shutdown_grace_seconds)
+        self.outcome = "shutdown"
+        writing.cancel()
+
+    def _cut_short_reason(self) -> StreamFailure:
+        if self.outcome == "shutdown":
+            return StreamFailure("shutdown", "The service is restarting; the answer was cut short. Retry the request.")
+        seconds = self.runtime.settings.max_stream_seconds
+        return StreamFailure("stream_timeout", f"The answer took longer than MAX_STREAM_SECONDS ({seconds:g} s).")
+
+
+# ------------------------------------------------------------------------------------------------
+# Requests: authentication, body and parameter checks.
+# ------------------------------------------------------------------------------------------------
+
+ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+KEY_QUERY_PARAMETERS = {"api_key", "key", "apikey", "access_token", "token"}
+
+
+def authenticate(request: Request, settings: Settings) -> None:
+    if KEY_QUERY_PARAMETERS & set(request.query_params):
+        raise ServiceError(
+            400,
+            "API keys are not accepted in the URL, where logs and browser history keep them; "
+            "send 'Authorization: Bearer <key>'.",
+            code="key_in_url",
+        )
+    if not settings.api_keys:
+        return
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    presented = presented.strip()
+    matched = False
+    for key in settings.api_keys:  # every key is compared, in constant time, whatever matches
+        matched |= hmac.compare_digest(presented.encode(), key.encode())
+    if scheme.lower() != "bearer" or not presented or not matched:
+        raise ServiceError(
+            401,
+            "Missing or invalid API key; send 'Authorization: Bearer <key>'.",
+            "invalid_request_error",
+            "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+async def read_json_object(request: Request, settings: Settings) -> dict[str, Any]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ServiceError(415, "Send the request body as JSON with 'Content-Type: application/json'.", code="unsupported_media_type")
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ServiceError(413, f"The request body is larger than MAX_BODY_BYTES ({limit} bytes).", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(413, f"The request body is larger than MAX_BODY_BYTES ({limit} bytes).", code="body_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):
+        raise ServiceError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ServiceError(400, "The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def check_messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise ServiceError(400, "'messages' must be a non-empty array of messages.", param="messages")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise ServiceError(400, f"'{where}' must be an object with 'role' and 'content'.", param=where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise ServiceError(400, f"'{where}.role' must be one of {', '.join(sorted(ROLES))}; got {role!r}.", param=f"{where}.role")
+        content = message.get("content")
+        if not (content is None or isinstance(content, (str, list))):
+            raise ServiceError(400, f"'{where}.content' must be a string or an array of content parts.", param=f"{where}.content")
+    return messages
+
+
+def check_sampling(body: Mapping[str, Any]) -> None:
+    """The parameters both endpoints understand; anything else is the upstream's to judge."""
+    if "model" in body and (not isinstance(body["model"], str) or not body["model"].strip()):
+        raise ServiceError(400, "'model' must be a non-empty string.", param="model")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise ServiceError(400, "'stream' must be true or false.", param="stream")
+    temperature = body.get("temperature")
+    if temperature is not None and (
+        isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2
+    ):
+        raise ServiceError(400, "'temperature' must be a number from 0 to 2.", param="temperature")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000_000):
+            raise ServiceError(400, f"'{name}' must be a positive whole number.", param=name)
+    if "stream_options" in body and not isinstance(body["stream_options"], (dict, type(None))):
+        raise ServiceError(400, "'stream_options' must be an object.", param="stream_options")
+
+
+CHAT_FIELDS = {"message", "messages", "model", "temperature", "max_tokens"}
+
+
+def chat_request(fields: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    """The upstream request for a /chat call, from its JSON body or query."""
+    unknown = set(fields) - CHAT_FIELDS
+    if unknown:
+        raise ServiceError(400, f"Unknown field(s): {', '.join(sorted(unknown))}. /chat takes {', '.join(sorted(CHAT_FIELDS))}.", param=sorted(unknown)[0])
+    if "message" in fields and "messages" in fields:
+        raise ServiceError(400, "Send either 'message' or 'messages', not both.", param="message")
+    if "messages" in fields:
+        messages = check_messages(fields["messages"])
+    else:
+        message = fields.get("message")
+        if not isinstance(message, str) or not message.strip():
+            raise ServiceError(400, "'message' must be a non-empty string (or send 'messages').", param="message")
+        messages = [{"role": "user", "content": message}]
+    check_sampling(fields)
+    body: dict[str, Any] = {"model": fields.get("model") or settings.model, "messages": messages, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    for name in ("temperature", "max_tokens"):
+        if fields.get(name) is not None:
+            body[name] = fields[name]
+    return body
+
+
+def negotiate(accept: str) -> str:
+    """The /chat framing the Accept header asks for; plain text unless it prefers SSE or NDJSON."""
+    if not accept.strip():
+        return "text/plain"
+    ranked = []
+    for position, part in enumerate(accept.split(",")):
+        media, *parameters = (piece.strip() for piece in part.split(";"))
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            ranked.append((-quality, position, media.lower()))
+    for _, _, media in sorted(ranked):
+        if media in CHAT_FRAMINGS:
+            return media
+        if media in {"*/*", "text/*"}:
+            return "text/plain"
+        if media == "application/*":
+            return "application/x-ndjson"
+    raise ServiceError(
+        406, "Accept one of text/plain, text/event-stream or application/x-ndjson.", code="not_acceptable"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Routes
+# ------------------------------------------------------------------------------------------------
+
+
+def runtime_of(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+async def upstream_until_disconnect(request: Request, call: UpstreamCall, work: Awaitable[T]) -> T:
+    """Await `work` (an upstream call that has not started the response yet), aborting the call if
+    the client disconnects first."""
+
+    async def abort_on_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        call.abort()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(abort_on_disconnect)
+        try:
+            return await work
+        finally:
+            tasks.cancel_scope.cancel()
+
+
+def admit(request: Request) -> Slot:
+    runtime = runtime_of(request)
+    authenticate(request, runtime.settings)
+    assert runtime.streams is not None and runtime.shutting_down is not None
+    if runtime.shutting_down.is_set():
+        raise ServiceError(503, "The service is shutting down; retry shortly.", "server_busy", "shutting_down", headers={"Retry-After": "1"})
+    return Slot(runtime.streams)
+
+
+def handle_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Turn ServiceError into its JSON response; a client gone before the answer gets nothing."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ServiceError as error:
+            return error.response()
+        except (ClientGone, ClientDisconnect):
+            return Response(status_code=499)
+
+    wrapped.__name__ = endpoint.__name__
+    return wrapped
+
+
+@handle_errors
+async def chat_completions(request: Request) -> Response:
+    """POST /v1/chat/completions: OpenAI's API, passed through."""
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    slot = admit(request)
+    try:
+        body = await read_json_object(request, settings)
+        check_messages(body.get("messages"))
+        check_sampling(body)
+        body.setdefault("model", settings.model)
+        call = UpstreamCall()
+        assert runtime.client is not None
+        response = await upstream_until_disconnect(request, call, open_upstream(runtime.client, call, body))
+    except BaseException:
+        slot.release()
+        raise
+    if not body.get("stream"):
+        try:
+            content = await upstream_until_disconnect(request, call, in_worker_thread(call, lambda: read_whole(call, response)))
+        finally:
+            slot.release()
+        return Response(content, media_type="application/json")
+
+    framing = OpenAIFraming()
+
+    async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
+        _serving.set(call)
+        async for payloads in iterate_in_threadpool(upstream_events(call, response)):
+            frames = framing.events(payloads)
+            if frames:
+                await emit(frames)
+
+    return RelayResponse(runtime, framing, produce, [call], slot)
+
+
+async def chat_fields(request: Request, settings: Settings) -> dict[str, Any]:
+    if request.method == "GET":
+        query = request.query_params
+        unknown = set(query) - {"q", "model"}
+        if unknown:
+            raise ServiceError(400, f"Unknown query parameter(s): {', '.join(sorted(unknown))}. GET /chat takes q and model.", param=sorted(unknown)[0])
+        text = query.get("q", "")
+        if len(text) > settings.max_query_chars:
+            raise ServiceError(414, f"'q' is longer than MAX_QUERY_CHARS ({settings.max_query_chars}); POST the message instead.", param="q", code="query_too_long")
+        fields: dict[str, Any] = {"message": text}
+        if "model" in query:
+            fields["model"] = query["model"]
+        return fields
+    return await read_json_object(request, settings)
+
+
+@handle_errors
+async def chat(request: Request) -> Response:
+    """POST /chat {"message": ...} and GET /chat?q=...: the answer's text, framed as Accept asks."""
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    slot = admit(request)
+    try:
+        framing_name = negotiate(request.headers.get("accept", ""))
+        upstream_body = chat_request(await chat_fields(request, settings), settings)
+        call = UpstreamCall()
+        assert runtime.client is not None
+        response = await upstream_until_disconnect(request, call, open_upstream(runtime.client, call, upstream_body))
+    except BaseException:
+        slot.release()
+        raise
+    transcript = Transcript()
+    framing = CHAT_FRAMINGS[framing_name](transcript)
+
+    async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
+        _serving.set(call)
+        async for payloads in iterate_in_threadpool(upstream_events(call, response)):
+            texts = transcript.read(payloads)
+            if texts:
+                await emit(framing.deltas(texts))
+        if not transcript.ended and transcript.finish_reason is None:
+            raise StreamFailure("upstream_error", "The upstream ended the stream before the answer was finished.")
+
+    return RelayResponse(runtime, framing, produce, [call], slot)
+
+
+async def healthz(request: Request) -> Response:
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    assert runtime.streams is not None
+    return JSONResponse(
+        {
+            "status": "ok",
+            "demo": settings.demo,
+            "model": settings.model,
+            "active_streams": int(runtime.streams.borrowed_tokens),
+            "max_streams": settings.max_streams,
+        }
+    )
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return ServiceError(404, f"No route {request.method} {request.url.path}.", code="not_found").response()
+
+
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    allowed = getattr(exc, "headers", None) or {}
+    return ServiceError(405, f"{request.method} is not allowed on {request.url.path}.", code="method_not_allowed", headers=allowed).response()
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return ServiceError(500, "The service failed unexpectedly; the error was logged.", "server_error", "internal_error").response()
+
+
+# ------------------------------------------------------------------------------------------------
+# Demo model: a simulated OpenAI-compatible upstream, served over loopback HTTP so that the demo
+# goes through exactly the production path (openai client, worker thread, StreamingResponse).
+# ------------------------------------------------------------------------------------------------
+
+DEMO_ANSWER = (
+    "This is the built-in demo model, not a real one. Each word you see left the model a moment "
+    "ago and reached you at once: the service reads the model's stream in a worker thread and "
+    "writes every piece to you as it arrives, instead of collecting the whole answer first. "
+    "Set OPENAI_API_KEY to talk to OpenAI, or OPENAI_BASE_URL to use vLLM, Ollama or llama.cpp."
+)
+
+
+def demo_words(messages: list[dict[str, Any]]) -> list[str]:
+    asked = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+    if not isinstance(asked, str):
+        asked = "(a message with several parts)"
+    asked = " ".join(asked.split())
+    echo = f'You asked: "{asked[:120]}{"…" if len(asked) > 120 else ""}". ' if asked else ""
+    text = echo + DEMO_ANSWER
+    words = text.split(" ")
+    return [word if index == 0 else " " + word for index, word in enumerate(words)]
+
+
+def demo_chunk(model: str, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+    chunk: dict[str, Any] = {"id": "chatcmpl-demo", "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": choices}
+    if usage is not None:
+        chunk["usage"] = usage
+    return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+
+
+class DemoModel:
+    """The demo upstream: its own uvicorn server on a loopback port, in a background thread."""
+
+    def __init__(self, seconds_per_word: float) -> None:
+        self.seconds_per_word = seconds_per_word
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._socket.getsockname()[1]}/v1"
+        app = Starlette(routes=[Route("/v1/chat/completions", self.complete, methods=["POST"])])
+        self._server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve([self._socket])), name="demo-model", daemon=True)
+
+    def start(self) -> DemoModel:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=5)
+
+    async def complete(self, request: Request) -> Response:
+        body = await request.json()
+        model = body.get("model") or "demo"
+        words = demo_words(body.get("messages") or [])
+        limit = body.get("max_tokens") or body.get("max_completion_tokens") or len(words)
+        finish_reason = "length" if limit < len(words) else "stop"
+        words = words[:limit]
+        usage = {"prompt_tokens": 12, "completion_tokens": len(words), "total_tokens": 12 + len(words)}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "".join(words)}
+            return JSONResponse(
+                {"id": "chatcmpl-demo", "object": "chat.completion", "created": int(time.time()), "model": model,
+                 "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}], "usage": usage}
+            )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[bytes]:
+            yield demo_chunk(model, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            for word in words:
+                await anyio.sleep(self.seconds_per_word)
+                yield demo_chunk(model, [{"index": 0, "delta": {"content": word}, "finish_reason": None}])
+            yield demo_chunk(model, [{"index": 0, "delta": {}, "finish_reason": finish_reason}])
+            if include_usage:
+                yield demo_chunk(model, [], usage)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# ------------------------------------------------------------------------------------------------
+# App
+# ------------------------------------------------------------------------------------------------
+
+
+def notice_shutdown_signals(on_signal: Callable[[], None]) -> None:
+    """Learn of SIGTERM/SIGINT while uvicorn handles them: uvicorn stops accepting and waits for
+    open responses; this tells those responses to finish within SHUTDOWN_GRACE_SECONDS."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread receives signals (an embedded server in tests)
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(number)
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(on_signal)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(number, handler)
+
+
+class _UvicornNoise(logging.Filter):
+    """Drops two uvicorn messages that would mislead an operator: the demo model's own server
+    start-up ("Uvicorn running on <another port>"), and the report of a plain-text response left
+    unfinished, which this service does on purpose when an answer fails."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.threadName == "demo-model":
+            return False
+        return record.getMessage() != "ASGI callable returned without completing response."
+
+
+def create_app(settings: Settings) -> Starlette:
+    runtime = Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Each open stream keeps a worker thread waiting on the upstream; anyio's default 40 would
+        # make the 41st stream (and every other thread-using route) wait in silence.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.max_streams + 40
+        runtime.streams = anyio.CapacityLimiter(settings.max_streams)
+        runtime.shutting_down = anyio.Event()
+        notice_shutdown_signals(runtime.shutting_down.set)
+        logging.getLogger("uvicorn.error").addFilter(_UvicornNoise())
+        if settings.demo:
+            runtime.demo = DemoModel(settings.demo_seconds_per_word).start()
+            log.warning("No OPENAI_API_KEY or OPENAI_BASE_URL: answering from the built-in DEMO model (not a real model).")
+        runtime.client = make_openai_client(settings, runtime.demo.base_url if runtime.demo else settings.openai_base_url)
+        try:
+            yield
+        finally:
+            runtime.client.close()
+            if runtime.demo is not None:
+                runtime.demo.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/chat", chat, methods=["GET", "POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    return app
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return load_settings(os.environ)
+    except ConfigError as error:
+        sys.exit(f"service: configuration error: {error}")
+
+
+settings = settings_or_exit()
+app = create_app(settings)
+
+
+def main() -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(message)s")
+    # uvicorn re-raises SIGTERM after its graceful shutdown; exit 0 then, as process runners expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    uvicorn.run(
+        "service:app",
+        host=settings.host,
+        port=settings.port,
+        workers=int(os.environ.get("WEB_CONCURRENCY") or 1),
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+        log_level=settings.log_level,
+    )
+
+
+if __name__ == "__main__":
+    main()

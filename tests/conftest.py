@@ -1,0 +1,149 @@
+"""Real servers on 127.0.0.1: the fake upstream (in this process) and the service (uvicorn, in a
+subprocess started the way users start it), and clients that talk to them over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-1"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+START_SECONDS = 20
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10, interval: float = 0.005) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@dataclass
+class Service:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def service_env(**env: str) -> dict[str, str]:
+    """The machine's environment without any real upstream settings, plus `env`."""
+    base = {name: value for name, value in os.environ.items() if not name.startswith(("OPENAI_", "API_KEYS"))}
+    return {**base, "PYTHONUNBUFFERED": "1", **env}
+
+
+def launch(log_dir: Path, env: dict[str, str], command: list[str] | None = None) -> Service:
+    """Start `python service.py` on a free loopback port and wait until /healthz answers."""
+    for attempt in range(3):  # a free port can be taken between probing and binding; try another
+        port = free_port()
+        log_path = log_dir / f"service-{port}.log"
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                command or [sys.executable, "service.py"],
+                cwd=ROOT,
+                env={**service_env(**env), "HOST": "127.0.0.1", "PORT": str(port)},
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        service = Service(process, f"http://127.0.0.1:{port}", log_path)
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"{service.base_url}/healthz", timeout=1).status_code == 200:
+                    return service
+            except httpx.TransportError:
+                time.sleep(0.05)
+        service.stop()
+        if "address already in use" not in service.log().lower():
+            break
+    raise AssertionError(f"the service did not start:\n{service.log()}")
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
+    """The session's fake upstream, with no queued replies or recorded requests."""
+    upstream.reset()
+    yield upstream
+    upstream.reset()
+
+
+def upstream_env(upstream: FakeUpstream, **env: str) -> dict[str, str]:
+    return {
+        "OPENAI_BASE_URL": upstream.base_url,
+        "OPENAI_API_KEY": "sk-upstream-secret-0123456789",
+        "API_KEYS": f"{KEY},second-key",
+        "OPENAI_MODEL": "fake-model",
+        "UPSTREAM_MAX_RETRIES": "0",
+        **env,
+    }
+
+
+@pytest.fixture(scope="session")
+def service(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The service as deployed: pointed at the fake upstream, with API keys."""
+    running = launch(tmp_path_factory.mktemp("service"), upstream_env(upstream))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """Start a service with its own settings; stopped when the test ends."""
+    started: list[Service] = []
+
+    def start(env: dict[str, str], command: list[str] | None = None) -> Service:
+        running = launch(tmp_path, env, command)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def client(service: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+        yield http
