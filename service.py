@@ -27,7 +27,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -40,7 +41,9 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -76,6 +79,7 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_query_chars: int = 4000
     demo_seconds_per_word: float = 0.06
+    cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
 
     @property
@@ -114,6 +118,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if log_level not in {"critical", "error", "warning", "info", "debug"}:
         raise ConfigError(f"LOG_LEVEL must be one of critical, error, warning, info, debug, not {log_level!r}")
     api_keys = tuple(key.strip() for key in (text("API_KEYS") or "").split(",") if key.strip())
+    cors_origins = tuple(origin.strip().rstrip("/") for origin in (text("CORS_ORIGINS") or "").split(",") if origin.strip())
+    for origin in cors_origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError(f"CORS_ORIGINS must list origins like https://app.example.com, not {origin!r}")
     settings = Settings(
         openai_api_key=text("OPENAI_API_KEY"),
         openai_base_url=base_url,
@@ -132,6 +140,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         max_body_bytes=number("MAX_BODY_BYTES", 4 * 1024 * 1024, 1024, 1024**3, int),
         max_query_chars=number("MAX_QUERY_CHARS", 4000, 1, 100_000, int),
         demo_seconds_per_word=number("DEMO_SECONDS_PER_WORD", 0.06, 0, 10),
+        cors_origins=cors_origins,
         log_level=log_level,
     )
     if not settings.demo and not settings.api_keys and not settings.allow_anonymous:
@@ -1029,6 +1038,14 @@ async def healthz(request: Request) -> Response:
     )
 
 
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+
+
+async def index(request: Request) -> Response:
+    """GET /: a page that streams answers from /chat in the browser."""
+    return FileResponse(PAGE, media_type="text/html")
+
+
 async def not_found(request: Request, exc: Exception) -> Response:
     return ServiceError(404, f"No route {request.method} {request.url.path}.", code="not_found").response()
 
@@ -1178,8 +1195,23 @@ def create_app(settings: Settings) -> Starlette:
             if runtime.demo is not None:
                 runtime.demo.stop()
 
+    middleware = []
+    if settings.cors_origins:
+        # Pure ASGI: it adds headers and answers preflights, and never buffers a streamed body.
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+                expose_headers=["Retry-After"],
+                max_age=600,
+            )
+        )
     app = Starlette(
+        middleware=middleware,
         routes=[
+            Route("/", index, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/chat", chat, methods=["GET", "POST"]),
             Route("/healthz", healthz, methods=["GET"]),
