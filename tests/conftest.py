@@ -19,6 +19,9 @@ import pytest
 from upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests never use the machine's real upstream or keys, also where they import service.py itself.
+for _name in [name for name in os.environ if name.startswith("OPENAI_") or name == "API_KEYS"]:
+    del os.environ[_name]
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 START_SECONDS = 20
@@ -62,9 +65,8 @@ class Service:
 
 
 def service_env(**env: str) -> dict[str, str]:
-    """The machine's environment without any real upstream settings, plus `env`."""
-    base = {name: value for name, value in os.environ.items() if not name.startswith(("OPENAI_", "API_KEYS"))}
-    return {**base, "PYTHONUNBUFFERED": "1", **env}
+    """The test process's environment (without real upstream settings), plus `env`."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **env}
 
 
 def launch(log_dir: Path, env: dict[str, str], command: list[str] | None = None) -> Service:

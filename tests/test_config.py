@@ -1,0 +1,98 @@
+"""Start-up: settings are checked once, a bad value stops the start naming the variable, a real
+upstream without client keys is refused, and with no upstream at all the demo model answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+import service
+
+from conftest import ROOT, Service, service_env, upstream_env
+from upstream import FakeUpstream
+
+
+def start_and_fail(env: dict[str, str]) -> str:
+    """Run `python service.py` and return its output; it must exit at once with an error."""
+    result = subprocess.run(
+        [sys.executable, "service.py"], cwd=ROOT, env=service_env(**{"PORT": "1", **env}), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    return output
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PORT", "eighty"),
+        ("PORT", "70000"),
+        ("MAX_STREAMS", "0"),
+        ("MAX_STREAMS", "many"),
+        ("HEARTBEAT_SECONDS", "-1"),
+        ("HEARTBEAT_SECONDS", "nan"),
+        ("SHUTDOWN_GRACE_SECONDS", "soon"),
+        ("UPSTREAM_CONNECT_TIMEOUT", "0"),
+        ("UPSTREAM_READ_TIMEOUT", "inf"),
+        ("MAX_STREAM_SECONDS", "x"),
+        ("UPSTREAM_MAX_RETRIES", "-1"),
+        ("MAX_BODY_BYTES", "1.5"),
+        ("MAX_QUERY_CHARS", "0"),
+        ("ALLOW_ANONYMOUS", "maybe"),
+        ("OPENAI_BASE_URL", "localhost:11434/v1"),
+        ("LOG_LEVEL", "loud"),
+        ("CORS_ORIGINS", "example.com"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(service.ConfigError, match=f"^{variable} "):
+        service.load_settings({variable: value})
+
+
+@pytest.mark.parametrize(("variable", "value"), [("PORT", "eighty"), ("HEARTBEAT_SECONDS", "-1")])
+def test_a_bad_value_stops_the_start(variable: str, value: str) -> None:
+    output = start_and_fail({variable: value})
+    assert f"configuration error: {variable} must be" in output
+
+
+def test_a_real_upstream_without_client_keys_is_refused() -> None:
+    output = start_and_fail({"OPENAI_API_KEY": "sk-real-secret-value"})
+    assert "API_KEYS" in output and "ALLOW_ANONYMOUS=1" in output
+    assert "sk-real-secret-value" not in output
+
+
+def test_allow_anonymous_serves_without_keys(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
+    env = upstream_env(fake, ALLOW_ANONYMOUS="1")
+    del env["API_KEYS"]
+    service = start_service(env)
+    assert httpx.get(f"{service.base_url}/chat", params={"q": "hi"}).text == "Hello, world!"
+
+
+def test_the_demo_model_streams_end_to_end(start_service: Callable[..., Service]) -> None:
+    """No OPENAI_API_KEY and no OPENAI_BASE_URL: `python service.py` answers from the demo model,
+    word by word, through the openai client and a worker thread like any upstream."""
+    service = start_service({"DEMO_SECONDS_PER_WORD": "0.02"})
+    health = httpx.get(f"{service.base_url}/healthz").json()
+    assert health["status"] == "ok" and health["demo"] is True
+    assert "DEMO model" in service.log()
+    with httpx.stream("GET", f"{service.base_url}/chat", params={"q": "why stream?"}, timeout=10) as response:
+        assert response.status_code == 200
+        pieces = list(response.iter_raw())
+    text = b"".join(pieces).decode()
+    assert text.startswith('You asked: "why stream?". This is the built-in demo model')
+    assert len(pieces) > 20, "the demo answer arrived in a few lumps, not word by word"
+
+    events = httpx.post(
+        f"{service.base_url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3, "stream_options": {"include_usage": True}},
+    ).text.split("\n\n")
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events if event and event != "data: [DONE]"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert events[-2:] == ["data: [DONE]", ""]
