@@ -78,6 +78,7 @@ class Settings:
     max_retries: int = 2
     max_body_bytes: int = 4 * 1024 * 1024
     max_query_chars: int = 4000
+    max_continuations: int = 0
     demo_seconds_per_word: float = 0.06
     cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
@@ -139,6 +140,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         max_retries=number("UPSTREAM_MAX_RETRIES", 2, 0, 10, int),
         max_body_bytes=number("MAX_BODY_BYTES", 4 * 1024 * 1024, 1024, 1024**3, int),
         max_query_chars=number("MAX_QUERY_CHARS", 4000, 1, 100_000, int),
+        max_continuations=number("MAX_CONTINUATIONS", 0, 0, 8, int),
         demo_seconds_per_word=number("DEMO_SECONDS_PER_WORD", 0.06, 0, 10),
         cors_origins=cors_origins,
         log_level=log_level,
@@ -515,17 +517,55 @@ class OpenAIFraming(Framing):
         return b"data: " + json.dumps({"error": failure.error()}).encode() + b"\n\n" + self.done()
 
 
+CONTINUE_INSTRUCTION = (
+    "Your previous message was cut off by the output limit. Continue exactly where it stopped, "
+    "mid-word or mid-sentence if need be. Do not repeat any of it, and add no preamble."
+)
+SEAM_CHARS = 48  # how much of a continuation is held back to find text it repeats at the join
+
+
+def _sum_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    if usage is None:
+        return total
+    if total is None:
+        return dict(usage)
+    summed = dict(total)
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        if isinstance(usage.get(name), int):
+            summed[name] = int(summed.get(name) or 0) + usage[name]
+    return summed
+
+
+def _join(before: str, after: str) -> str:
+    """`after` without what it repeats of the end of `before`, and without doubled whitespace.
+
+    Models asked to continue often restate the last words, or start with a space the text already
+    ends with; the reader must see one seamless text.
+    """
+    if before[-1:].isspace():
+        after = after.lstrip(" ")
+    for size in range(min(len(before), len(after)), 7, -1):  # overlaps under 8 characters are chance
+        if before.endswith(after[:size]):
+            return after[size:]
+    return after
+
+
 @dataclass
 class Transcript:
-    """What the upstream said for one /chat answer: the text of choice 0, how it ended, usage."""
+    """What the upstream said for one /chat answer, over all its rounds: the text of choice 0,
+    how the last round ended, and the usage of every round summed."""
 
+    text: str = ""
     finish_reason: str | None = None
+    ended: bool = False  # this round's [DONE] was seen
     usage: dict[str, Any] | None = None
     refusal: str = ""
-    ended: bool = False  # [DONE] seen
+    continuations: int = 0
+    _round_usage: dict[str, Any] | None = None
+    _seam: str | None = None  # a continuation's first text, held until the join is clear
 
     def read(self, payloads: list[bytes]) -> list[str]:
-        """The text deltas in `payloads`, in order; records finish reason and usage on the way."""
+        """The text deltas in `payloads` to send, in order; records finish reason and usage."""
         texts = []
         for payload in payloads:
             if payload == DONE:
@@ -533,7 +573,7 @@ class Transcript:
                 break
             chunk = parse_chunk(payload)
             if isinstance(chunk.get("usage"), dict):
-                self.usage = chunk["usage"]  # some servers send running totals on every chunk
+                self._round_usage = chunk["usage"]  # some servers send running totals on every chunk
             for choice in chunk.get("choices") or ():
                 if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                     continue
@@ -544,10 +584,33 @@ class Transcript:
                     self.refusal += delta["refusal"]
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
+        if self._seam is not None:
+            self._seam += "".join(texts)
+            if len(self._seam) < SEAM_CHARS:
+                return []
+            texts, self._seam = [_join(self.text, self._seam)], None
+        self.text += "".join(texts)
         return texts
 
+    def end_round(self) -> list[str]:
+        """Close the round: count its usage, and release text still held at a seam."""
+        self.usage = _sum_usage(self.usage, self._round_usage)
+        self._round_usage = None
+        if self._seam is None:
+            return []
+        rest, self._seam = _join(self.text, self._seam), None
+        self.text += rest
+        return [rest] if rest else []
+
+    def continuation(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The next round's request: the conversation, the answer so far, and a request to go on."""
+        self.continuations += 1
+        self.finish_reason, self.ended, self._seam = None, False, ""
+        answer_so_far = {"role": "assistant", "content": self.text}
+        return {**body, "messages": [*body["messages"], answer_so_far, {"role": "user", "content": CONTINUE_INSTRUCTION}]}
+
     def summary(self) -> dict[str, Any]:
-        summary: dict[str, Any] = {"finish_reason": self.finish_reason, "usage": self.usage}
+        summary: dict[str, Any] = {"finish_reason": self.finish_reason, "usage": self.usage, "continuations": self.continuations}
         if self.refusal:
             summary["refusal"] = self.refusal
         return summary
@@ -835,11 +898,13 @@ def check_sampling(body: Mapping[str, Any]) -> None:
         raise ServiceError(400, "'stream_options' must be an object.", param="stream_options")
 
 
-CHAT_FIELDS = {"message", "messages", "model", "temperature", "max_tokens"}
+CHAT_FIELDS = {"message", "messages", "model", "temperature", "max_tokens", "max_continuations"}
+CONTINUATIONS_LIMIT = 8
 
 
-def chat_request(fields: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
-    """The upstream request for a /chat call, from its JSON body or query."""
+def chat_request(fields: Mapping[str, Any], settings: Settings) -> tuple[dict[str, Any], int]:
+    """The upstream request for a /chat call, from its JSON body or query, and how many times an
+    answer cut by the output limit may be continued."""
     unknown = set(fields) - CHAT_FIELDS
     if unknown:
         raise ServiceError(400, f"Unknown field(s): {', '.join(sorted(unknown))}. /chat takes {', '.join(sorted(CHAT_FIELDS))}.", param=sorted(unknown)[0])
@@ -858,7 +923,10 @@ def chat_request(fields: Mapping[str, Any], settings: Settings) -> dict[str, Any
     for name in ("temperature", "max_tokens"):
         if fields.get(name) is not None:
             body[name] = fields[name]
-    return body
+    continuations = fields.get("max_continuations", settings.max_continuations)
+    if isinstance(continuations, bool) or not isinstance(continuations, int) or not 0 <= continuations <= CONTINUATIONS_LIMIT:
+        raise ServiceError(400, f"'max_continuations' must be a whole number from 0 to {CONTINUATIONS_LIMIT}.", param="max_continuations")
+    return body, continuations
 
 
 def negotiate(accept: str) -> str:
@@ -1001,7 +1069,7 @@ async def chat(request: Request) -> Response:
     slot = admit(request)
     try:
         framing_name = negotiate(request.headers.get("accept", ""))
-        upstream_body = chat_request(await chat_fields(request, settings), settings)
+        upstream_body, continuations = chat_request(await chat_fields(request, settings), settings)
         call = UpstreamCall()
         assert runtime.client is not None
         response = await upstream_until_disconnect(request, call, open_upstream(runtime.client, call, upstream_body))
@@ -1010,17 +1078,36 @@ async def chat(request: Request) -> Response:
         raise
     transcript = Transcript()
     framing = CHAT_FRAMINGS[framing_name](transcript)
+    calls = [call]
 
     async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
-        _serving.set(call)
-        async for payloads in iterate_in_threadpool(upstream_events(call, response)):
-            texts = transcript.read(payloads)
-            if texts:
-                await emit(framing.deltas(texts))
-        if not transcript.ended and transcript.finish_reason is None:
-            raise StreamFailure("upstream_error", "The upstream ended the stream before the answer was finished.")
+        round_call, round_response = call, response
+        while True:
+            _serving.set(round_call)
+            try:
+                async for payloads in iterate_in_threadpool(upstream_events(round_call, round_response)):
+                    texts = transcript.read(payloads)
+                    if texts:
+                        await emit(framing.deltas(texts))
+                if not transcript.ended and transcript.finish_reason is None:
+                    raise StreamFailure("upstream_error", "The upstream ended the stream before the answer was finished.")
+            finally:
+                # Whatever the model said reaches the reader, also ahead of an error.
+                held = transcript.end_round()
+                if held:
+                    await emit(framing.deltas(held))
+            if transcript.finish_reason != "length" or transcript.continuations >= continuations:
+                return
+            # The output limit cut the answer: ask for the rest and stream it into the same response.
+            round_call = UpstreamCall()
+            calls.append(round_call)  # before it starts, so a disconnect aborts it too
+            assert runtime.client is not None
+            try:
+                round_response = await open_upstream(runtime.client, round_call, transcript.continuation(upstream_body))
+            except ServiceError as error:
+                raise StreamFailure(error.type, f"Continuing the answer failed: {error.message}") from None
 
-    return RelayResponse(runtime, framing, produce, [call], slot)
+    return RelayResponse(runtime, framing, produce, calls, slot)
 
 
 async def healthz(request: Request) -> Response:
@@ -1074,14 +1161,20 @@ DEMO_ANSWER = (
 
 
 def demo_words(messages: list[dict[str, Any]]) -> list[str]:
-    asked = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+    """The demo's answer, word by word; asked to continue a cut answer, the words it lacks."""
+    questions = [m.get("content") for m in messages if m.get("role") == "user" and m.get("content") != CONTINUE_INSTRUCTION]
+    asked = questions[-1] if questions else ""
     if not isinstance(asked, str):
         asked = "(a message with several parts)"
     asked = " ".join(asked.split())
     echo = f'You asked: "{asked[:120]}{"…" if len(asked) > 120 else ""}". ' if asked else ""
     text = echo + DEMO_ANSWER
+    if messages and messages[-1].get("content") == CONTINUE_INSTRUCTION and len(messages) >= 2:
+        answered = messages[-2].get("content")
+        if isinstance(answered, str) and text.startswith(answered):
+            text = text[len(answered) :]
     words = text.split(" ")
-    return [word if index == 0 else " " + word for index, word in enumerate(words)]
+    return [word if index == 0 else " " + word for index, word in enumerate(words) if word or index > 0]
 
 
 def demo_chunk(model: str, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
