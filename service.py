@@ -19,15 +19,18 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,15 +40,17 @@ import anyio.to_thread
 import httpcore2
 import httpx2
 import openai
+import prometheus_client
+import prometheus_client.multiprocess
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool
-from starlette.requests import ClientDisconnect, Request
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 log = logging.getLogger("service")
 T = TypeVar("T")
@@ -69,6 +74,7 @@ class Settings:
     allow_anonymous: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: int = 1
     max_streams: int = 500
     heartbeat_seconds: float = 15.0
     shutdown_grace_seconds: float = 20.0
@@ -82,6 +88,8 @@ class Settings:
     demo_seconds_per_word: float = 0.06
     cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
+    log_content: bool = False
+    metrics_key: str | None = None
 
     @property
     def demo(self) -> bool:
@@ -131,6 +139,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         allow_anonymous=flag("ALLOW_ANONYMOUS"),
         host=text("HOST") or "127.0.0.1",
         port=number("PORT", 8000, 0, 65535, int),
+        workers=number("WEB_CONCURRENCY", 1, 1, 64, int),
         max_streams=number("MAX_STREAMS", 500, 1, 100_000, int),
         heartbeat_seconds=number("HEARTBEAT_SECONDS", 15.0, 0.01, 3600),
         shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", 20.0, 0, 3600),
@@ -144,6 +153,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         demo_seconds_per_word=number("DEMO_SECONDS_PER_WORD", 0.06, 0, 10),
         cors_origins=cors_origins,
         log_level=log_level,
+        log_content=flag("LOG_CONTENT"),
+        metrics_key=text("METRICS_KEY"),
     )
     if not settings.demo and not settings.api_keys and not settings.allow_anonymous:
         raise ConfigError(
@@ -479,44 +490,6 @@ def parse_chunk(payload: bytes) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-class Framing:
-    media_type = "text/plain"
-    heartbeat: bytes | None = None  # sent after HEARTBEAT_SECONDS without anything else
-
-    def done(self) -> bytes:
-        """The frames that tell the client the answer is complete."""
-        return b""
-
-    def failure(self, failure: StreamFailure) -> bytes | None:
-        """The terminal frame for a failed stream; None ends the response without its terminator."""
-        return None
-
-
-class OpenAIFraming(Framing):
-    """/v1/chat/completions: the upstream's events, byte for byte, as OpenAI's SSE."""
-
-    media_type = "text/event-stream"
-    heartbeat = b": ping\n\n"
-
-    def events(self, payloads: list[bytes]) -> bytes:
-        frames = []
-        for payload in payloads:
-            if payload == DONE:
-                break
-            # Pass-through without decoding into objects; only what may be an error or is not a
-            # JSON object at all is looked at closely.
-            if b'"error"' in payload or not (payload.startswith(b"{") and payload.rstrip().endswith(b"}")):
-                parse_chunk(payload)
-            frames.append(b"data: " + payload + b"\n\n")
-        return b"".join(frames)
-
-    def done(self) -> bytes:
-        return b"data: [DONE]\n\n"
-
-    def failure(self, failure: StreamFailure) -> bytes:
-        return b"data: " + json.dumps({"error": failure.error()}).encode() + b"\n\n" + self.done()
-
-
 CONTINUE_INSTRUCTION = (
     "Your previous message was cut off by the output limit. Continue exactly where it stopped, "
     "mid-word or mid-sentence if need be. Do not repeat any of it, and add no preamble."
@@ -616,6 +589,52 @@ class Transcript:
         return summary
 
 
+class Framing:
+    media_type = "text/plain"
+    heartbeat: bytes | None = None  # sent after HEARTBEAT_SECONDS without anything else
+
+    def done(self) -> bytes:
+        """The frames that tell the client the answer is complete."""
+        return b""
+
+    def failure(self, failure: StreamFailure) -> bytes | None:
+        """The terminal frame for a failed stream; None ends the response without its terminator."""
+        return None
+
+
+class OpenAIFraming(Framing):
+    """/v1/chat/completions: the upstream's events, byte for byte, as OpenAI's SSE."""
+
+    media_type = "text/event-stream"
+    heartbeat = b": ping\n\n"
+
+    def __init__(self, transcript: Transcript | None) -> None:
+        self.transcript = transcript  # only to log the text (LOG_CONTENT=1)
+        self.usage: dict[str, Any] | None = None
+
+    def events(self, payloads: list[bytes]) -> bytes:
+        frames = []
+        for payload in payloads:
+            if payload == DONE:
+                break
+            # Pass-through without decoding into objects; only what may be an error, carries
+            # usage, or is not a JSON object at all is looked at closely.
+            if b'"error"' in payload or not (payload.startswith(b"{") and payload.rstrip().endswith(b"}")):
+                parse_chunk(payload)
+            if b'"usage":{' in payload or b'"usage": {' in payload:
+                self.usage = parse_chunk(payload).get("usage")
+            frames.append(b"data: " + payload + b"\n\n")
+        if self.transcript is not None:
+            self.transcript.read(payloads)
+        return b"".join(frames)
+
+    def done(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def failure(self, failure: StreamFailure) -> bytes:
+        return b"data: " + json.dumps({"error": failure.error()}).encode() + b"\n\n" + self.done()
+
+
 class ChatFraming(Framing):
     """/chat as plain text: the raw deltas. A failure leaves the response visibly unfinished."""
 
@@ -669,6 +688,158 @@ CHAT_FRAMINGS: dict[str, type[ChatFraming]] = {
 
 
 # ------------------------------------------------------------------------------------------------
+# Observability: one JSON log line per request when it ends, and Prometheus metrics.
+# ------------------------------------------------------------------------------------------------
+
+requests_log = logging.getLogger("service.requests")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+OUTCOMES = {
+    "upstream_error": "upstream_error",
+    "upstream_timeout": "timeout",
+    "stream_timeout": "timeout",
+    "shutdown": "shutdown",
+    "server_error": "error",
+}
+
+class Metrics:
+    """The Prometheus metrics of one app (its own registry, so that importing the module twice,
+    as `python service.py` and uvicorn do, registers nothing twice)."""
+
+    def __init__(self) -> None:
+        registry = self.registry = prometheus_client.CollectorRegistry()
+        self.active_streams = prometheus_client.Gauge(
+            "relay_active_streams", "Streams being relayed now.", multiprocess_mode="livesum", registry=registry
+        )
+        self.requests = prometheus_client.Counter(
+            "relay_requests", "Requests by route, status and how they ended.", ["route", "status", "outcome"], registry=registry
+        )
+        self.time_to_first_token = prometheus_client.Histogram(
+            "relay_time_to_first_token_seconds", "From the request to the first piece of the answer sent.", ["route"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120), registry=registry,
+        )
+        self.stream_duration = prometheus_client.Histogram(
+            "relay_stream_duration_seconds", "From the request to the stream's end.", ["route"],
+            buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320, 640), registry=registry,
+        )
+        self.tokens = prometheus_client.Counter("relay_tokens_streamed", "Pieces of answers sent to clients.", ["route"], registry=registry)
+        self.upstream_errors = prometheus_client.Counter("relay_upstream_errors", "Upstream failures by kind.", ["kind"], registry=registry)
+        self.rejected = prometheus_client.Counter(
+            "relay_rejected_for_capacity", "Requests refused because MAX_STREAMS were open.", registry=registry
+        )
+
+    def exposition(self) -> bytes:
+        registry = self.registry
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: add up what each one wrote
+            registry = prometheus_client.CollectorRegistry()
+            prometheus_client.multiprocess.MultiProcessCollector(registry)
+        return prometheus_client.generate_latest(registry)
+
+
+@dataclass
+class Exchange:
+    """One request as the log line and the metrics describe it."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float
+    status: int = 0
+    outcome: str | None = None
+    model: str | None = None
+    first_token_at: float | None = None
+    chunks: int = 0
+    usage: dict[str, Any] | None = None
+    prompt: Any = None
+    completion: str | None = None
+
+    def pieces_sent(self, count: int) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.chunks += count
+
+    def record(self, settings: Settings, metrics: Metrics) -> None:
+        ended = time.monotonic()
+        outcome = self.outcome or self._outcome_from_status()
+        route = self.path if self.path in ROUTES_MEASURED else "other"
+        line: dict[str, Any] = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "outcome": outcome,
+            "model": self.model,
+            "ttft_ms": None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000, 1),
+            "chunks": self.chunks,
+            "completion_tokens": (self.usage or {}).get("completion_tokens"),
+            "duration_ms": round((ended - self.started) * 1000, 1),
+        }
+        if settings.log_content:
+            line["prompt"], line["completion"] = self.prompt, self.completion
+        requests_log.info(json.dumps(line, ensure_ascii=False))
+        metrics.requests.labels(route, str(self.status), outcome).inc()
+        if self.chunks:
+            metrics.tokens.labels(route).inc(self.chunks)
+            metrics.stream_duration.labels(route).observe(ended - self.started)
+        if self.first_token_at is not None:
+            metrics.time_to_first_token.labels(route).observe(self.first_token_at - self.started)
+        if outcome in ("upstream_error", "timeout"):
+            metrics.upstream_errors.labels(outcome).inc()
+
+    def _outcome_from_status(self) -> str:
+        if self.status == 499:
+            return "client_disconnected"
+        if 0 < self.status < 400:
+            return "completed"
+        return "rejected" if 400 <= self.status < 500 or self.status == 503 else "error"
+
+
+ROUTES_MEASURED = {"/chat", "/v1/chat/completions"}
+
+
+def exchange_of(request: Request) -> Exchange:
+    exchange: Exchange = request.scope["state"]["exchange"]
+    return exchange
+
+
+class RequestLog:
+    """Pure ASGI middleware: gives each request an Exchange and an X-Request-ID, and records it
+    when the response is over. It only watches messages go by; it never holds a body back."""
+
+    def __init__(self, app: Any, runtime: Runtime) -> None:
+        self.app, self.runtime = app, runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        exchange = Exchange(request_id, scope["method"], scope["path"], time.monotonic())
+        scope.setdefault("state", {})["exchange"] = exchange
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                exchange.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            exchange.record(self.runtime.settings, self.runtime.metrics)
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text format; all workers' figures when there are several."""
+    key = runtime_of(request).settings.metrics_key
+    if key is not None:
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), key.encode()):
+            raise ServiceError(401, "Send 'Authorization: Bearer <METRICS_KEY>'.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return Response(runtime_of(request).metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+# ------------------------------------------------------------------------------------------------
 # Relay: one streaming response, from the first upstream byte to the last client byte.
 # ------------------------------------------------------------------------------------------------
 
@@ -678,6 +849,7 @@ class Runtime:
     """What the routes share: built at start-up by the lifespan."""
 
     settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
     client: openai.OpenAI | None = None
     streams: anyio.CapacityLimiter | None = None
     shutting_down: anyio.Event | None = None
@@ -687,11 +859,12 @@ class Runtime:
 class Slot:
     """A place among MAX_STREAMS upstream calls, held from admission to the response's end."""
 
-    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+    def __init__(self, limiter: anyio.CapacityLimiter, metrics: Metrics) -> None:
         self._limiter = limiter
         try:
             limiter.acquire_on_behalf_of_nowait(self)
         except anyio.WouldBlock:
+            metrics.rejected.inc()
             raise ServiceError(
                 503,
                 f"The service is serving its maximum of {int(limiter.total_tokens)} streams; retry shortly.",
@@ -720,21 +893,26 @@ class RelayResponse(StreamingResponse):
     """
 
     def __init__(
-        self, runtime: Runtime, framing: Framing, produce: Producer, calls: list[UpstreamCall], slot: Slot
+        self, runtime: Runtime, exchange: Exchange, framing: Framing, produce: Producer, calls: list[UpstreamCall], slot: Slot
     ) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if framing.media_type == "text/plain":
             headers["X-Content-Type-Options"] = "nosniff"
         super().__init__((), headers=headers, media_type=framing.media_type)
-        self.runtime, self.framing, self.produce, self.calls, self.slot = runtime, framing, produce, calls, slot
-        self.outcome = "completed"
+        self.runtime, self.exchange, self.framing, self.produce = runtime, exchange, framing, produce
+        self.calls, self.slot = calls, slot
+        self.outcome = "client_disconnected"  # unless the stream reaches one of its own ends
+        self.shutdown = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.runtime.metrics.active_streams.inc()
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.abort_upstream()
             self.slot.release()
+            self.runtime.metrics.active_streams.dec()
+            self.exchange.outcome = self.outcome
 
     def abort_upstream(self) -> None:
         for call in self.calls:
@@ -754,6 +932,9 @@ class RelayResponse(StreamingResponse):
                     failure.append(error)
                 except ClientGone:
                     pass  # the writer has already ended the response
+                except Exception:
+                    log.exception("relaying %s failed", self.exchange.path)
+                    failure.append(StreamFailure("server_error", "The service failed while relaying the answer; the error was logged."))
 
         ending: StreamFailure | None = None
         async with anyio.create_task_group() as tasks:
@@ -773,8 +954,9 @@ class RelayResponse(StreamingResponse):
 
         if ending is None:
             await send({"type": "http.response.body", "body": self.framing.done(), "more_body": False})
+            self.outcome = "completed"
             return
-        self.outcome = ending.type
+        self.outcome = OUTCOMES[ending.type]
         final = self.framing.failure(ending)
         if final is not None:
             await send({"type": "http.response.body", "body": final, "more_body": False})
@@ -797,11 +979,11 @@ class RelayResponse(StreamingResponse):
         assert self.runtime.shutting_down is not None
         await self.runtime.shutting_down.wait()
         await anyio.sleep(self.runtime.settings.shutdown_grace_seconds)
-        self.outcome = "shutdown"
+        self.shutdown = True
         writing.cancel()
 
     def _cut_short_reason(self) -> StreamFailure:
-        if self.outcome == "shutdown":
+        if self.shutdown:
             return StreamFailure("shutdown", "The service is restarting; the answer was cut short. Retry the request.")
         seconds = self.runtime.settings.max_stream_seconds
         return StreamFailure("stream_timeout", f"The answer took longer than MAX_STREAM_SECONDS ({seconds:g} s).")
@@ -981,8 +1163,11 @@ async def upstream_until_disconnect(request: Request, call: UpstreamCall, work: 
         tasks.start_soon(abort_on_disconnect)
         try:
             return await work
+        except Exception as error:  # raised below, outside the task group, so not as a group
+            failure = error
         finally:
             tasks.cancel_scope.cancel()
+    raise failure
 
 
 def admit(request: Request) -> Slot:
@@ -991,7 +1176,7 @@ def admit(request: Request) -> Slot:
     assert runtime.streams is not None and runtime.shutting_down is not None
     if runtime.shutting_down.is_set():
         raise ServiceError(503, "The service is shutting down; retry shortly.", "server_busy", "shutting_down", headers={"Retry-After": "1"})
-    return Slot(runtime.streams)
+    return Slot(runtime.streams, runtime.metrics)
 
 
 def handle_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -1001,9 +1186,10 @@ def handle_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callabl
         try:
             return await endpoint(request)
         except ServiceError as error:
+            exchange_of(request).outcome = OUTCOMES.get(error.type, "rejected")
             return error.response()
         except (ClientGone, ClientDisconnect):
-            return Response(status_code=499)
+            return Response(status_code=499)  # nobody reads it; the log line says who left
 
     wrapped.__name__ = endpoint.__name__
     return wrapped
@@ -1012,7 +1198,7 @@ def handle_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callabl
 @handle_errors
 async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions: OpenAI's API, passed through."""
-    runtime = runtime_of(request)
+    runtime, exchange = runtime_of(request), exchange_of(request)
     settings = runtime.settings
     slot = admit(request)
     try:
@@ -1020,6 +1206,7 @@ async def chat_completions(request: Request) -> Response:
         check_messages(body.get("messages"))
         check_sampling(body)
         body.setdefault("model", settings.model)
+        exchange.model, exchange.prompt = body["model"], body["messages"] if settings.log_content else None
         call = UpstreamCall()
         assert runtime.client is not None
         response = await upstream_until_disconnect(request, call, open_upstream(runtime.client, call, body))
@@ -1031,18 +1218,25 @@ async def chat_completions(request: Request) -> Response:
             content = await upstream_until_disconnect(request, call, in_worker_thread(call, lambda: read_whole(call, response)))
         finally:
             slot.release()
+        if settings.log_content:
+            exchange.completion = content.decode(errors="replace")
         return Response(content, media_type="application/json")
 
-    framing = OpenAIFraming()
+    framing = OpenAIFraming(Transcript() if settings.log_content else None)
 
     async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
         _serving.set(call)
-        async for payloads in iterate_in_threadpool(upstream_events(call, response)):
-            frames = framing.events(payloads)
-            if frames:
-                await emit(frames)
+        try:
+            async for payloads in iterate_in_threadpool(upstream_events(call, response)):
+                frames = framing.events(payloads)
+                if frames:
+                    await emit(frames)
+                    exchange.pieces_sent(len(payloads) - (DONE in payloads))
+        finally:
+            exchange.usage = framing.usage
+            exchange.completion = framing.transcript and framing.transcript.text
 
-    return RelayResponse(runtime, framing, produce, [call], slot)
+    return RelayResponse(runtime, exchange, framing, produce, [call], slot)
 
 
 async def chat_fields(request: Request, settings: Settings) -> dict[str, Any]:
@@ -1064,12 +1258,14 @@ async def chat_fields(request: Request, settings: Settings) -> dict[str, Any]:
 @handle_errors
 async def chat(request: Request) -> Response:
     """POST /chat {"message": ...} and GET /chat?q=...: the answer's text, framed as Accept asks."""
-    runtime = runtime_of(request)
+    runtime, exchange = runtime_of(request), exchange_of(request)
     settings = runtime.settings
     slot = admit(request)
     try:
         framing_name = negotiate(request.headers.get("accept", ""))
         upstream_body, continuations = chat_request(await chat_fields(request, settings), settings)
+        exchange.model = upstream_body["model"]
+        exchange.prompt = upstream_body["messages"] if settings.log_content else None
         call = UpstreamCall()
         assert runtime.client is not None
         response = await upstream_until_disconnect(request, call, open_upstream(runtime.client, call, upstream_body))
@@ -1089,13 +1285,17 @@ async def chat(request: Request) -> Response:
                     texts = transcript.read(payloads)
                     if texts:
                         await emit(framing.deltas(texts))
+                        exchange.pieces_sent(len(texts))
                 if not transcript.ended and transcript.finish_reason is None:
                     raise StreamFailure("upstream_error", "The upstream ended the stream before the answer was finished.")
             finally:
                 # Whatever the model said reaches the reader, also ahead of an error.
                 held = transcript.end_round()
+                exchange.usage = transcript.usage
+                exchange.completion = transcript.text if settings.log_content else None
                 if held:
                     await emit(framing.deltas(held))
+                    exchange.pieces_sent(len(held))
             if transcript.finish_reason != "length" or transcript.continuations >= continuations:
                 return
             # The output limit cut the answer: ask for the rest and stream it into the same response.
@@ -1107,7 +1307,7 @@ async def chat(request: Request) -> Response:
             except ServiceError as error:
                 raise StreamFailure(error.type, f"Continuing the answer failed: {error.message}") from None
 
-    return RelayResponse(runtime, framing, produce, calls, slot)
+    return RelayResponse(runtime, exchange, framing, produce, calls, slot)
 
 
 async def healthz(request: Request) -> Response:
@@ -1265,6 +1465,18 @@ class _UvicornNoise(logging.Filter):
         return record.getMessage() != "ASGI callable returned without completing response."
 
 
+def configure_logging(settings: Settings) -> None:
+    """Request lines go to stdout as bare JSON, one per line, whatever else is configured."""
+    if not requests_log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        requests_log.addHandler(handler)
+        requests_log.propagate = False
+    logging.getLogger("service").setLevel(settings.log_level.upper())
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per upstream call doubles ours
+    logging.getLogger("uvicorn.error").addFilter(_UvicornNoise())
+
+
 def create_app(settings: Settings) -> Starlette:
     runtime = Runtime(settings)
 
@@ -1276,7 +1488,7 @@ def create_app(settings: Settings) -> Starlette:
         runtime.streams = anyio.CapacityLimiter(settings.max_streams)
         runtime.shutting_down = anyio.Event()
         notice_shutdown_signals(runtime.shutting_down.set)
-        logging.getLogger("uvicorn.error").addFilter(_UvicornNoise())
+        configure_logging(settings)
         if settings.demo:
             runtime.demo = DemoModel(settings.demo_seconds_per_word).start()
             log.warning("No OPENAI_API_KEY or OPENAI_BASE_URL: answering from the built-in DEMO model (not a real model).")
@@ -1288,7 +1500,7 @@ def create_app(settings: Settings) -> Starlette:
             if runtime.demo is not None:
                 runtime.demo.stop()
 
-    middleware = []
+    middleware = [Middleware(RequestLog, runtime=runtime)]
     if settings.cors_origins:
         # Pure ASGI: it adds headers and answers preflights, and never buffers a streamed body.
         middleware.append(
@@ -1308,6 +1520,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/chat", chat, methods=["GET", "POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", handle_errors(metrics), methods=["GET"]),
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
         lifespan=lifespan,
@@ -1331,13 +1544,17 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(message)s")
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit 0 then, as process runners expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Each worker writes its metrics here, and /metrics in any worker adds them all up.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
     uvicorn.run(
         "service:app",
         host=settings.host,
         port=settings.port,
-        workers=int(os.environ.get("WEB_CONCURRENCY") or 1),
+        workers=settings.workers,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
         log_level=settings.log_level,
+        access_log=False,  # the service writes its own line per request
     )
 
 
