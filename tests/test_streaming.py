@@ -294,13 +294,28 @@ def test_multibyte_characters_split_across_upstream_reads(fake: FakeUpstream, cl
         "together_extra_fields",
     ],
 )
-def test_captured_streams_yield_their_exact_text(fake: FakeUpstream, client: httpx.Client, name: str) -> None:
+def test_captured_streams_stream_their_exact_text(fake: FakeUpstream, client: httpx.Client, name: str) -> None:
+    """Each capture is replayed event by event, its last event held back until the client has
+    what came before it: the exact text on /chat, the exact events on /v1/chat/completions."""
     raw = captured(name)
-    fake.expect(Reply(raw=raw), Reply(raw=raw))
-    assert client.post("/chat", json={"message": "hi"}).text == expected_text(name)
+    last = len([event for event in raw.split(b"\n\n") if event]) - 1
+    text, release = expected_text(name), threading.Event()
+    fake.expect(Reply(raw=raw, gates={last: release}))
+    with client.stream("POST", "/chat", json={"message": "hi"}) as response:
+        pieces = response.iter_text()
+        first = next(pieces, "") if text else ""
+        assert not release.is_set() and not fake.requests[-1].finished
+        release.set()
+        assert first + "".join(pieces) == text
 
-    text = client.post("/v1/chat/completions", json=completion_body(stream=True)).text
-    relayed = [data for _, data in sse_events(iter(text.split("\n")))]
+    release = threading.Event()
+    fake.expect(Reply(raw=raw, gates={last: release}))
+    with client.stream("POST", "/v1/chat/completions", json=completion_body(stream=True)) as response:
+        events = sse_events(response.iter_lines())
+        relayed = [next(events)[1]]
+        assert not release.is_set() and not fake.requests[-1].finished
+        release.set()
+        relayed += [data for _, data in events]
     assert relayed[-1] == "[DONE]"
     original = [data for _, data in sse_events(iter(raw.decode().replace("\r\n", "\n").split("\n") + [""]))]
     assert [data for data in relayed if data != "[DONE]"] == [data for data in original if data != "[DONE]"]
