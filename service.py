@@ -352,7 +352,10 @@ def service_error_from(error: openai.OpenAIError) -> ServiceError:
     if not isinstance(error, openai.APIStatusError):
         return ServiceError(502, "The upstream request failed.", "upstream_error", "upstream_error")
     status = error.status_code
-    body = error.body if isinstance(error.body, Mapping) else {}
+    body = dict(error.body) if isinstance(error.body, Mapping) else {}
+    for name in ("code", "param"):  # OpenAI's schema has strings; some servers send numbers (429)
+        if body.get(name) is not None:
+            body[name] = str(body[name])
     if status == 429:
         retry_after = error.response.headers.get("retry-after")
         return ServiceError(
@@ -534,17 +537,24 @@ class Transcript:
     usage: dict[str, Any] | None = None
     refusal: str = ""
     continuations: int = 0
+    failure: StreamFailure | None = None
     _round_usage: dict[str, Any] | None = None
     _seam: str | None = None  # a continuation's first text, held until the join is clear
 
     def read(self, payloads: list[bytes]) -> list[str]:
-        """The text deltas in `payloads` to send, in order; records finish reason and usage."""
+        """The text deltas in `payloads` to send, in order; records finish reason and usage. An
+        event that is not a chunk stops the reading and is kept as `failure`, to be raised once
+        the text before it was sent."""
         texts = []
         for payload in payloads:
             if payload == DONE:
                 self.ended = True
                 break
-            chunk = parse_chunk(payload)
+            try:
+                chunk = parse_chunk(payload)
+            except StreamFailure as failure:
+                self.failure = failure
+                break
             if isinstance(chunk.get("usage"), dict):
                 self._round_usage = chunk["usage"]  # some servers send running totals on every chunk
             for choice in chunk.get("choices") or ():
@@ -559,7 +569,7 @@ class Transcript:
                     self.finish_reason = choice["finish_reason"]
         if self._seam is not None:
             self._seam += "".join(texts)
-            if len(self._seam) < SEAM_CHARS:
+            if len(self._seam) < SEAM_CHARS and self.failure is None:
                 return []
             texts, self._seam = [_join(self.text, self._seam)], None
         self.text += "".join(texts)
@@ -597,7 +607,7 @@ class Framing:
         """The frames that tell the client the answer is complete."""
         return b""
 
-    def failure(self, failure: StreamFailure) -> bytes | None:
+    def error_frame(self, failure: StreamFailure) -> bytes | None:
         """The terminal frame for a failed stream; None ends the response without its terminator."""
         return None
 
@@ -611,18 +621,25 @@ class OpenAIFraming(Framing):
     def __init__(self, transcript: Transcript | None) -> None:
         self.transcript = transcript  # only to log the text (LOG_CONTENT=1)
         self.usage: dict[str, Any] | None = None
+        self.failure: StreamFailure | None = None
 
     def events(self, payloads: list[bytes]) -> bytes:
+        """The frames for `payloads`; an event that is not a chunk stops them and is kept as
+        `failure`, to be raised once the frames before it were sent."""
         frames = []
         for payload in payloads:
             if payload == DONE:
                 break
             # Pass-through without decoding into objects; only what may be an error, carries
             # usage, or is not a JSON object at all is looked at closely.
-            if b'"error"' in payload or not (payload.startswith(b"{") and payload.rstrip().endswith(b"}")):
-                parse_chunk(payload)
-            if b'"usage":{' in payload or b'"usage": {' in payload:
-                self.usage = parse_chunk(payload).get("usage")
+            try:
+                if b'"error"' in payload or not (payload.startswith(b"{") and payload.rstrip().endswith(b"}")):
+                    parse_chunk(payload)
+                if b'"usage":{' in payload or b'"usage": {' in payload:
+                    self.usage = parse_chunk(payload).get("usage")
+            except StreamFailure as failure:
+                self.failure = failure
+                break
             frames.append(b"data: " + payload + b"\n\n")
         if self.transcript is not None:
             self.transcript.read(payloads)
@@ -631,7 +648,7 @@ class OpenAIFraming(Framing):
     def done(self) -> bytes:
         return b"data: [DONE]\n\n"
 
-    def failure(self, failure: StreamFailure) -> bytes:
+    def error_frame(self, failure: StreamFailure) -> bytes:
         return b"data: " + json.dumps({"error": failure.error()}).encode() + b"\n\n" + self.done()
 
 
@@ -655,7 +672,7 @@ class ChatSSEFraming(ChatFraming):
     def done(self) -> bytes:
         return self._event("done", self.transcript.summary())
 
-    def failure(self, failure: StreamFailure) -> bytes:
+    def error_frame(self, failure: StreamFailure) -> bytes:
         return self._event("error", {"error": failure.error()})
 
     @staticmethod
@@ -672,7 +689,7 @@ class ChatNDJSONFraming(ChatFraming):
     def done(self) -> bytes:
         return self._line({"type": "done", **self.transcript.summary()})
 
-    def failure(self, failure: StreamFailure) -> bytes:
+    def error_frame(self, failure: StreamFailure) -> bytes:
         return self._line({"type": "error", "error": failure.error()})
 
     @staticmethod
@@ -957,7 +974,7 @@ class RelayResponse(StreamingResponse):
             self.outcome = "completed"
             return
         self.outcome = OUTCOMES[ending.type]
-        final = self.framing.failure(ending)
+        final = self.framing.error_frame(ending)
         if final is not None:
             await send({"type": "http.response.body", "body": final, "more_body": False})
         # else: the response stays unfinished (no chunked terminator), so a plain-text reader sees
@@ -1022,6 +1039,17 @@ def authenticate(request: Request, settings: Settings) -> None:
         )
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json module would accept NaN and Infinity
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large")
+    return value
+
+
 async def read_json_object(request: Request, settings: Settings) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
@@ -1037,7 +1065,7 @@ async def read_json_object(request: Request, settings: Settings) -> dict[str, An
             raise ServiceError(413, f"The request body is larger than MAX_BODY_BYTES ({limit} bytes).", code="body_too_large")
         chunks.append(chunk)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks), parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise ServiceError(400, "The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -1231,7 +1259,9 @@ async def chat_completions(request: Request) -> Response:
                 frames = framing.events(payloads)
                 if frames:
                     await emit(frames)
-                    exchange.pieces_sent(len(payloads) - (DONE in payloads))
+                    exchange.pieces_sent(frames.count(b"data: "))
+                if framing.failure is not None:
+                    raise framing.failure
         finally:
             exchange.usage = framing.usage
             exchange.completion = framing.transcript and framing.transcript.text
@@ -1248,6 +1278,8 @@ async def chat_fields(request: Request, settings: Settings) -> dict[str, Any]:
         text = query.get("q", "")
         if len(text) > settings.max_query_chars:
             raise ServiceError(414, f"'q' is longer than MAX_QUERY_CHARS ({settings.max_query_chars}); POST the message instead.", param="q", code="query_too_long")
+        if not text.strip():
+            raise ServiceError(400, "GET /chat needs the question in 'q', e.g. /chat?q=Hello.", param="q")
         fields: dict[str, Any] = {"message": text}
         if "model" in query:
             fields["model"] = query["model"]
@@ -1286,6 +1318,8 @@ async def chat(request: Request) -> Response:
                     if texts:
                         await emit(framing.deltas(texts))
                         exchange.pieces_sent(len(texts))
+                    if transcript.failure is not None:
+                        raise transcript.failure
                 if not transcript.ended and transcript.finish_reason is None:
                     raise StreamFailure("upstream_error", "The upstream ended the stream before the answer was finished.")
             finally:
