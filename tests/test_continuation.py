@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import AUTH, Service, launch, upstream_env, wait_until
-from test_streaming import sse_events
+from sse import sse_events
 from upstream import FakeUpstream, Reply
 
 ANSWER = (

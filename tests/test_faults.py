@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from conftest import AUTH, ROOT, Service, launch, upstream_env
+from sse import whole_sse_events
 from upstream import CREATED, GARBAGE_EVENT, MID_STREAM_ERROR, STREAMS_DIR, FakeUpstream, Reply
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
@@ -343,22 +344,6 @@ def assert_nothing_leaked(response: httpx.Response, body: bytes) -> None:
         assert secret not in exposed
 
 
-def sse_events(text: str) -> list[tuple[str, str]]:
-    """(event name, data) for each event; comments are skipped. The text must end at an event's end."""
-    assert text == "" or text.endswith("\n\n"), f"the SSE body ends mid-event: {text[-80:]!r}"
-    events = []
-    for block in text.split("\n\n")[:-1]:
-        name, data = "message", []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-        if data:
-            events.append((name, "\n".join(data)))
-    return events
-
-
 def stream_error(error: Any, fault: Fault) -> None:
     assert_openai_error(error)
     assert error["type"] == fault.error_type, error
@@ -380,7 +365,7 @@ def check_stream(fmt: Format, response: httpx.Response, fault: Fault) -> None:
     assert_nothing_leaked(response, body)
     text = body.decode()
     if fmt.id == "chat_sse":
-        events = sse_events(text)
+        events = whole_sse_events(text)
         assert [name for name, _ in events] == ["delta"] * len(expected) + ["error"], events
         assert [json.loads(data)["text"] for _, data in events[:-1]] == expected
         final = json.loads(events[-1][1])
@@ -394,7 +379,7 @@ def check_stream(fmt: Format, response: httpx.Response, fault: Fault) -> None:
         assert set(lines[-1]) == {"type", "error"}
         stream_error(lines[-1]["error"], fault)
     else:
-        events = sse_events(text)
+        events = whole_sse_events(text)
         assert {name for name, _ in events} == {"message"}
         payloads = [data for _, data in events]
         assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1, payloads
@@ -413,7 +398,7 @@ def check_answer(fmt: Format, response: httpx.Response) -> None:
     if fmt.id == "chat_text":
         assert text == NORMAL_TEXT
     elif fmt.id == "chat_sse":
-        events = sse_events(text)
+        events = whole_sse_events(text)
         assert "".join(json.loads(d)["text"] for n, d in events if n == "delta") == NORMAL_TEXT
         assert events[-1][0] == "done" and [n for n, _ in events].count("done") == 1
     elif fmt.id == "chat_ndjson":
@@ -421,7 +406,7 @@ def check_answer(fmt: Format, response: httpx.Response) -> None:
         assert "".join(line["text"] for line in lines if line["type"] == "delta") == NORMAL_TEXT
         assert lines[-1]["type"] == "done" and lines[-1]["finish_reason"] == "stop"
     else:
-        payloads = [data for _, data in sse_events(text)]
+        payloads = [data for _, data in whole_sse_events(text)]
         assert payloads[-1] == "[DONE]"
         chunks = [json.loads(data) for data in payloads[:-1]]
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == NORMAL_TEXT

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import AUTH, KEY, Service, launch, upstream_env
+from sse import whole_sse_events
 from upstream import FakeUpstream
 
 SECOND_KEY = "second-key"
@@ -473,21 +474,6 @@ def generated_request(draw: st.DrawFn) -> dict[str, Any]:
     return {"method": "POST", "url": path, "content": content, "headers": headers}
 
 
-def sse_payloads(text: str) -> list[tuple[str, str]]:
-    assert text.endswith("\n\n"), f"the stream did not end at an event boundary: {text[-80:]!r}"
-    events = []
-    for block in text.split("\n\n")[:-1]:
-        name, data = "message", []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-        if data:
-            events.append((name, "\n".join(data)))
-    return events
-
-
 def assert_complete_answer(path: str, content_type: str, text: str) -> None:
     """A 200 that ended properly: the whole answer and the format's own end."""
     media = content_type.split(";")[0]
@@ -495,14 +481,14 @@ def assert_complete_answer(path: str, content_type: str, text: str) -> None:
         assert json.loads(text)["choices"][0]["message"]["content"] == NORMAL_TEXT
     elif path == V1:
         assert media == "text/event-stream"
-        payloads = [data for _, data in sse_payloads(text)]
+        payloads = [data for _, data in whole_sse_events(text)]
         assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1
         chunks = [json.loads(data) for data in payloads[:-1]]
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == NORMAL_TEXT
     elif media == "text/plain":
         assert text == NORMAL_TEXT
     elif media == "text/event-stream":
-        events = sse_payloads(text)
+        events = whole_sse_events(text)
         assert events[-1][0] == "done"
         assert "".join(json.loads(data)["text"] for name, data in events if name == "delta") == NORMAL_TEXT
     else:

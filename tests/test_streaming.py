@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from conftest import KEY, Service, wait_until
+from sse import sse_events
 from upstream import FakeUpstream, Reply, captured, expected_text
 
 PIECES = ["The first", " piece", " and", " the", " rest", "."]
@@ -35,22 +36,6 @@ def first_where(items: Iterator[str], predicate: object) -> str:
         if predicate(item):  # type: ignore[operator]
             return item
     raise AssertionError("the stream ended before the expected item")
-
-
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(event name, data) pairs from SSE lines; comments are skipped."""
-    name, data = "message", []
-    for line in lines:
-        if line == "":
-            if data:
-                yield name, "\n".join(data)
-            name, data = "message", []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
 
 
 # -- /chat, each framing ----------------------------------------------------------------------------
