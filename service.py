@@ -230,7 +230,6 @@ class UpstreamCall:
 
     def __init__(self) -> None:
         self.aborted = False
-        self.finished = False
         self._stream: _InterruptibleStream | None = None
 
     def attach(self, stream: _InterruptibleStream) -> None:
@@ -246,16 +245,20 @@ class UpstreamCall:
         """Stop the call now: the worker thread's blocking read returns and the upstream sees EOF."""
         self.aborted = True
         stream = self._stream
-        if stream is None or self.finished:
+        if stream is None:
             return
         with stream.lock:
-            # A pooled connection may already serve another call; only shut down our own.
+            # A pooled connection may serve another call by now; only shut down our own.
             if stream.owner is self:
                 stream.interrupt()
 
     def finish(self) -> None:
         """The call is over and its connection may go back to the pool: abort() must not touch it."""
-        self.finished = True
+        stream = self._stream
+        if stream is not None:
+            with stream.lock:
+                if stream.owner is self:
+                    stream.owner = None
 
 
 class _InterruptibleStream(httpcore2.NetworkStream):
@@ -391,9 +394,13 @@ async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[st
     model, messages, stream = fields.pop("model"), fields.pop("messages"), fields.pop("stream", False)
 
     def send() -> httpx2.Response:
-        raw = client.chat.completions.with_raw_response.create(
-            model=model, messages=messages, stream=stream, extra_body=fields
-        )
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=messages, stream=stream, extra_body=fields
+            )
+        except openai.OpenAIError:
+            call.finish()  # its connection may already serve another call
+            raise
         return raw.http_response
 
     try:
