@@ -412,6 +412,7 @@ async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[st
 
 
 DONE = b"[DONE]"
+MAX_EVENT_BYTES = 8 * 1024 * 1024  # one event; a stream that never ends an event must not fill memory
 
 
 class SSEDecoder:
@@ -425,6 +426,8 @@ class SSEDecoder:
         self._buffer = b""
 
     def feed(self, data: bytes) -> list[bytes]:
+        if len(self._buffer) > MAX_EVENT_BYTES:
+            raise StreamFailure("upstream_error", "The upstream sent an event larger than the service accepts.")
         data = self._buffer + data
         if b"\r" in data:
             held = b"\r" if data.endswith(b"\r") else b""  # may be the first half of \r\n
@@ -629,11 +632,13 @@ class OpenAIFraming(Framing):
         self.transcript = transcript  # only to log the text (LOG_CONTENT=1)
         self.usage: dict[str, Any] | None = None
         self.failure: StreamFailure | None = None
+        self.events_seen = 0  # [DONE] included
 
     def events(self, payloads: list[bytes]) -> bytes:
         """The frames for `payloads`; an event that is not a chunk stops them and is kept as
         `failure`, to be raised once the frames before it were sent."""
         frames = []
+        self.events_seen += len(payloads)
         for payload in payloads:
             if payload == DONE:
                 break
@@ -1269,6 +1274,10 @@ async def chat_completions(request: Request) -> Response:
                     exchange.pieces_sent(frames.count(b"data: "))
                 if framing.failure is not None:
                     raise framing.failure
+            if not framing.events_seen:
+                # Ended cleanly, but with no event at all: not an answer (a server that ignored
+                # "stream": true, say); [DONE] alone would tell the client it was one.
+                raise StreamFailure("upstream_error", "The upstream's response held no events.")
         finally:
             exchange.usage = framing.usage
             exchange.completion = framing.transcript and framing.transcript.text

@@ -110,6 +110,7 @@ class Fault:
     service: str = "default"  # which settings (see Services)
     request: dict[str, Any] = field(default_factory=dict)  # extra request fields
     note: str = ""  # README: what else the client sees
+    role_chunk: bool = True  # DURING: /v1 relays the upstream's role chunk before the pieces
 
 
 def error_message(body: bytes) -> str:
@@ -159,6 +160,12 @@ FAULTS: list[Fault] = [
           lambda: [same_read(MID_STREAM_ERROR, 2)], 200, "upstream_error", pieces=2, note="the upstream's message"),
     Fault("not_json_same_read", DURING, "2 pieces and a line that is not JSON arriving in one network read",
           lambda: [same_read(GARBAGE_EVENT, 2)], 200, "upstream_error", pieces=2),
+    Fault("no_events", DURING, "a 200 answer with no events at all (a server that ignored `stream: true`)",
+          lambda: [Reply(raw_chunks=[b'{"object": "chat.completion", "choices": []}'])], 200, "upstream_error", pieces=0,
+          role_chunk=False),
+    Fault("endless_event", DURING, "an event that never ends (9 MiB without a blank line)",
+          lambda: [Reply(raw_chunks=[b"data: " + b"x" * (9 * 1024 * 1024)])], 200, "upstream_error", pieces=0,
+          role_chunk=False),
     Fault("too_long", DURING, "slow: 3 pieces, then only keep-alives past MAX_STREAM_SECONDS", lambda: [slow_reply(3)],
           200, "stream_timeout", pieces=3, service="timeouts"),
     # retries: only before the first byte, never mid-stream
@@ -387,7 +394,8 @@ def check_stream(fmt: Format, response: httpx.Response, fault: Fault) -> None:
         assert set(chunks[-1]) == {"error"}, chunks[-1]
         stream_error(chunks[-1]["error"], fault)
         deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
-        assert deltas == [{"role": "assistant", "content": ""}] + [{"content": piece} for piece in expected]
+        role = [{"role": "assistant", "content": ""}] if fault.role_chunk else []
+        assert deltas == role + [{"content": piece} for piece in expected]
 
 
 def check_answer(fmt: Format, response: httpx.Response) -> None:
