@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import anyio.abc
 import anyio.to_thread
 import httpcore2
 import httpx2
@@ -916,9 +915,9 @@ Producer = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
 class RelayResponse(StreamingResponse):
     """A StreamingResponse whose body comes from a producer task reading the upstream.
 
-    The response itself only writes: frames as they come, a heartbeat when nothing came for
-    HEARTBEAT_SECONDS, and one terminal frame. It ends the stream (and aborts the upstream call)
-    when the client leaves, when MAX_STREAM_SECONDS pass, or SHUTDOWN_GRACE_SECONDS after a
+    The producer writes frames as they come; the response adds a heartbeat when nothing was sent
+    for HEARTBEAT_SECONDS, and one terminal frame. It ends the stream (and aborts the upstream
+    call) when the client leaves, when MAX_STREAM_SECONDS pass, or SHUTDOWN_GRACE_SECONDS after a
     shutdown signal.
     """
 
@@ -933,6 +932,7 @@ class RelayResponse(StreamingResponse):
         self.calls, self.slot = calls, slot
         self.outcome = "client_disconnected"  # unless the stream reaches one of its own ends
         self.shutdown = False
+        self.last_sent = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.runtime.metrics.active_streams.inc()
@@ -950,37 +950,24 @@ class RelayResponse(StreamingResponse):
 
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        settings = self.runtime.settings
-        frames_in, frames_out = anyio.create_memory_object_stream[bytes](8)
-        failure: list[StreamFailure] = []
+        self.last_sent = time.monotonic()
 
-        async def produce() -> None:
-            async with frames_in:
-                try:
-                    await self.produce(frames_in.send)
-                except StreamFailure as error:
-                    failure.append(error)
-                except ClientGone:
-                    pass  # the writer has already ended the response
-                except Exception:
-                    log.exception("relaying %s failed", self.exchange.path)
-                    failure.append(StreamFailure("server_error", "The service failed while relaying the answer; the error was logged."))
+        async def emit(frame: bytes) -> None:
+            self.last_sent = time.monotonic()
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
 
         ending: StreamFailure | None = None
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(produce)
-            try:
-                with anyio.CancelScope(deadline=anyio.current_time() + settings.max_stream_seconds) as writing:
-                    tasks.start_soon(self._end_on_shutdown, writing)
-                    await self._write(send, frames_out)
-                    ending = failure[0] if failure else None
-                if writing.cancelled_caught:
-                    ending = self._cut_short_reason()
-            finally:
-                # Also when the client left and Starlette cancelled us: the producer's worker thread
-                # may be blocked on the upstream, and this task group waits for it.
-                self.abort_upstream()
-                tasks.cancel_scope.cancel()
+            with anyio.CancelScope() as writing:
+                tasks.start_soon(self._end_when_due, writing)
+                if self.framing.heartbeat is not None:
+                    tasks.start_soon(self._heartbeats, emit, self.framing.heartbeat)
+                # The producer writes each frame itself: a channel to a writer task would cost a
+                # task switch per frame.
+                ending = await self._produce(emit)
+            if writing.cancel_called:
+                ending = self._cut_short_reason()
+            tasks.cancel_scope.cancel()
 
         if ending is None:
             await send({"type": "http.response.body", "body": self.framing.done(), "more_body": False})
@@ -993,24 +980,44 @@ class RelayResponse(StreamingResponse):
         # else: the response stays unfinished (no chunked terminator), so a plain-text reader sees
         # an incomplete read, never a clean end that looks like a whole answer.
 
-    async def _write(self, send: Send, frames: anyio.abc.ObjectReceiveStream[bytes]) -> None:
-        heartbeat = self.framing.heartbeat
-        idle = self.runtime.settings.heartbeat_seconds if heartbeat else math.inf
-        while True:
-            frame = heartbeat
-            with anyio.move_on_after(idle):
-                try:
-                    frame = await frames.receive()
-                except anyio.EndOfStream:
-                    return
-            await send({"type": "http.response.body", "body": frame, "more_body": True})
+    async def _produce(self, emit: Callable[[bytes], Awaitable[None]]) -> StreamFailure | None:
+        """Run the producer; return the failure that ended the stream, if any."""
+        try:
+            await self.produce(emit)
+        except StreamFailure as error:
+            return error
+        except ClientGone:
+            pass  # aborted from outside: the client left, or the stream was cut short
+        except Exception:
+            log.exception("relaying %s failed", self.exchange.path)
+            return StreamFailure("server_error", "The service failed while relaying the answer; the error was logged.")
+        return None
 
-    async def _end_on_shutdown(self, writing: anyio.CancelScope) -> None:
+    async def _end_when_due(self, writing: anyio.CancelScope) -> None:
+        """Cut the stream short at MAX_STREAM_SECONDS, or SHUTDOWN_GRACE_SECONDS after a shutdown
+        signal. However this task ends, also when the client left and Starlette cancelled it, it
+        aborts the upstream call: the producer may be blocked on it in a worker thread, where no
+        cancellation reaches."""
         assert self.runtime.shutting_down is not None
-        await self.runtime.shutting_down.wait()
-        await anyio.sleep(self.runtime.settings.shutdown_grace_seconds)
-        self.shutdown = True
-        writing.cancel()
+        try:
+            with anyio.move_on_after(self.runtime.settings.max_stream_seconds):
+                await self.runtime.shutting_down.wait()
+                await anyio.sleep(self.runtime.settings.shutdown_grace_seconds)
+                self.shutdown = True
+            writing.cancel()
+        finally:
+            self.abort_upstream()
+
+    async def _heartbeats(self, emit: Callable[[bytes], Awaitable[None]], heartbeat: bytes) -> None:
+        """A heartbeat whenever HEARTBEAT_SECONDS pass without a frame: one timer per stream,
+        not a timeout around the wait for each frame."""
+        interval = self.runtime.settings.heartbeat_seconds
+        while True:
+            quiet = time.monotonic() - self.last_sent
+            if quiet < interval:
+                await anyio.sleep(interval - quiet)
+            else:
+                await emit(heartbeat)
 
     def _cut_short_reason(self) -> StreamFailure:
         if self.shutdown:
