@@ -964,7 +964,12 @@ class RelayResponse(StreamingResponse):
                     tasks.start_soon(self._heartbeats, emit, self.framing.heartbeat)
                 # The producer writes each frame itself: a channel to a writer task would cost a
                 # task switch per frame.
-                ending = await self._produce(emit)
+                try:
+                    ending = await self._produce(emit)
+                except ClientGone:
+                    if not writing.cancel_called:
+                        tasks.cancel_scope.cancel()
+                        return  # the client left: there is no one to send an ending to
             if writing.cancel_called:
                 ending = self._cut_short_reason()
             tasks.cancel_scope.cancel()
@@ -987,7 +992,7 @@ class RelayResponse(StreamingResponse):
         except StreamFailure as error:
             return error
         except ClientGone:
-            pass  # aborted from outside: the client left, or the stream was cut short
+            raise  # aborted from outside: the client left, or the stream was cut short
         except Exception:
             log.exception("relaying %s failed", self.exchange.path)
             return StreamFailure("server_error", "The service failed while relaying the answer; the error was logged.")
