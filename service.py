@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -260,6 +261,12 @@ class UpstreamCall:
                 if stream.owner is self:
                     stream.owner = None
 
+    def more_arrived(self, piece: bytes) -> bool:
+        """Whether more of the answer than `piece` has arrived, so that the next piece is there
+        without waiting on the network. Runs in the worker thread reading the call."""
+        stream = self._stream
+        return stream is not None and stream.more_arrived(piece)
+
 
 class _InterruptibleStream(httpcore2.NetworkStream):
     def __init__(self, inner: httpcore2.NetworkStream) -> None:
@@ -267,6 +274,8 @@ class _InterruptibleStream(httpcore2.NetworkStream):
         self._socket: socket.socket = inner.get_extra_info("socket")
         self.lock = threading.Lock()
         self.owner: UpstreamCall | None = None
+        self._reads = self._reads_seen = self._last_read = 0
+        self._poll: select.poll | None = None
 
     def _attach(self) -> UpstreamCall | None:
         call = _serving.get()
@@ -278,6 +287,7 @@ class _InterruptibleStream(httpcore2.NetworkStream):
         call = self._attach()
         try:
             data = self._inner.read(max_bytes, timeout)
+            self._reads, self._last_read = self._reads + 1, len(data)
         except httpcore2.ReadError:
             if call is not None and call.aborted:
                 raise ClientGone("the client went away") from None
@@ -298,6 +308,15 @@ class _InterruptibleStream(httpcore2.NetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
+
+    def more_arrived(self, piece: bytes) -> bool:
+        fresh, self._reads_seen = self._reads != self._reads_seen, self._reads
+        if fresh and self._last_read <= len(piece) + 32:
+            return False  # the read carried this one HTTP chunk alone, as most reads do
+        if self._poll is None:
+            self._poll = select.poll()  # not select(), which fails for sockets numbered over 1023
+            self._poll.register(self._socket, select.POLLIN)
+        return bool(self._poll.poll(0))
 
     def interrupt(self) -> None:
         try:
@@ -412,6 +431,7 @@ async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[st
 
 
 DONE = b"[DONE]"
+MAX_BATCH = 256  # events per thread hop at most, so that an upstream faster than us still streams
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # one event; a stream that never ends an event must not fill memory
 
 
@@ -447,26 +467,38 @@ class SSEDecoder:
 def upstream_events(call: UpstreamCall, response: httpx2.Response) -> Iterator[list[bytes]]:
     """The upstream's event payloads, one list per network read, up to and including [DONE].
 
-    Runs in worker threads, one thread hop per read, however many events the read carried.
+    Runs in worker threads, one thread hop per read, however many events the read carried:
+    httpx yields one piece per HTTP chunk and upstreams send each event in a chunk of its own, so
+    pieces are gathered for as long as more has arrived already. A relay that fell behind then
+    catches up in a few hops, instead of one per event.
     """
     decoder = SSEDecoder()
+    payloads: list[bytes] = []
+    failure: StreamFailure | None = None
     try:
         for data in response.iter_bytes():
-            payloads = decoder.feed(data)
+            payloads += decoder.feed(data)
             if DONE in payloads:
-                yield payloads[: payloads.index(DONE) + 1]
-                return
-            if payloads:
+                del payloads[payloads.index(DONE) + 1 :]
+                break
+            if payloads and (len(payloads) >= MAX_BATCH or not call.more_arrived(data)):
                 yield payloads
+                payloads = []
     except ClientGone:
         raise
+    except StreamFailure as error:
+        failure = error
     except httpx2.TimeoutException:
-        raise StreamFailure("upstream_timeout", "The upstream stopped sending in the middle of the answer.") from None
+        failure = StreamFailure("upstream_timeout", "The upstream stopped sending in the middle of the answer.")
     except (httpx2.HTTPError, OSError):
-        raise StreamFailure("upstream_error", "The upstream connection broke in the middle of the answer.") from None
+        failure = StreamFailure("upstream_error", "The upstream connection broke in the middle of the answer.")
     finally:
         call.finish()
         response.close()
+    if payloads:
+        yield payloads  # what arrived before the end, or before the failure
+    if failure is not None:
+        raise failure
 
 
 def read_whole(call: UpstreamCall, response: httpx2.Response) -> bytes:
