@@ -1,4 +1,4 @@
-"""Every upstream failure has one defined outcome, per response format (issue #4).
+"""Every upstream failure has one defined outcome, per response format.
 
 FAULTS below is THE fault table: each row says how the upstream misbehaves, with which service
 settings, and what the client must see. One parametrized test runs every row against every

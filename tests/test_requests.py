@@ -1,4 +1,4 @@
-"""Bad input gets a 4xx with an OpenAI-shaped error that names the problem (issue #4).
+"""Bad input gets a 4xx with an OpenAI-shaped error that names the problem.
 
 All against one service with small limits (MAX_BODY_BYTES=2048, MAX_QUERY_CHARS=50), pointed at the
 fake upstream; a property-based test then throws generated bodies and headers at every endpoint.
