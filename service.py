@@ -404,7 +404,8 @@ def service_error_from(error: openai.OpenAIError) -> ServiceError:
 
 
 async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
-    """Send one chat completion request; return once the upstream's response headers arrived.
+    """Send one chat completion request; return once the upstream's response headers arrived
+    (without streaming, once the whole answer did).
 
     The request body is the client's, passed through field by field (`extra_body`), so fields this
     service does not know still reach the upstream.
@@ -420,6 +421,8 @@ async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[st
         except openai.OpenAIError:
             call.finish()  # its connection may already serve another call
             raise
+        if not stream:
+            call.finish()  # httpx has read the whole answer already
         return raw.http_response
 
     try:
@@ -499,21 +502,6 @@ def upstream_events(call: UpstreamCall, response: httpx2.Response) -> Iterator[l
         yield payloads  # what arrived before the end, or before the failure
     if failure is not None:
         raise failure
-
-
-def read_whole(call: UpstreamCall, response: httpx2.Response) -> bytes:
-    """A non-streamed answer's body (runs in a worker thread)."""
-    try:
-        return response.read()
-    except ClientGone:
-        raise
-    except httpx2.TimeoutException:
-        raise ServiceError(504, "The upstream did not answer in time.", "upstream_timeout", "upstream_timeout") from None
-    except (httpx2.HTTPError, OSError):
-        raise ServiceError(502, "The upstream connection broke.", "upstream_error", "upstream_error") from None
-    finally:
-        call.finish()
-        response.close()
 
 
 def parse_chunk(payload: bytes) -> dict[str, Any]:
@@ -1258,6 +1246,17 @@ async def upstream_until_disconnect(request: Request, call: UpstreamCall, work: 
     raise failure
 
 
+async def call_upstream(request: Request, body: dict[str, Any]) -> tuple[UpstreamCall, httpx2.Response]:
+    """Note what the request asks of the upstream, and send it there (aborted if the client
+    leaves before the answer starts)."""
+    runtime, exchange = runtime_of(request), exchange_of(request)
+    exchange.model = body["model"]
+    exchange.prompt = body["messages"] if runtime.settings.log_content else None
+    call = UpstreamCall()
+    assert runtime.client is not None
+    return call, await upstream_until_disconnect(request, call, open_upstream(runtime.client, call, body))
+
+
 def admit(request: Request) -> Slot:
     runtime = runtime_of(request)
     authenticate(request, runtime.settings)
@@ -1294,21 +1293,15 @@ async def chat_completions(request: Request) -> Response:
         check_messages(body.get("messages"))
         check_sampling(body)
         body.setdefault("model", settings.model)
-        exchange.model, exchange.prompt = body["model"], body["messages"] if settings.log_content else None
-        call = UpstreamCall()
-        assert runtime.client is not None
-        response = await upstream_until_disconnect(request, call, open_upstream(runtime.client, call, body))
+        call, response = await call_upstream(request, body)
     except BaseException:
         slot.release()
         raise
     if not body.get("stream"):
-        try:
-            content = await upstream_until_disconnect(request, call, in_worker_thread(call, lambda: read_whole(call, response)))
-        finally:
-            slot.release()
+        slot.release()
         if settings.log_content:
-            exchange.completion = content.decode(errors="replace")
-        return Response(content, media_type="application/json")
+            exchange.completion = response.text
+        return Response(response.content, media_type="application/json")
 
     framing = OpenAIFraming(Transcript() if settings.log_content else None)
 
@@ -1360,11 +1353,7 @@ async def chat(request: Request) -> Response:
     try:
         framing_name = negotiate(request.headers.get("accept", ""))
         upstream_body, continuations = chat_request(await chat_fields(request, settings), settings)
-        exchange.model = upstream_body["model"]
-        exchange.prompt = upstream_body["messages"] if settings.log_content else None
-        call = UpstreamCall()
-        assert runtime.client is not None
-        response = await upstream_until_disconnect(request, call, open_upstream(runtime.client, call, upstream_body))
+        call, response = await call_upstream(request, upstream_body)
     except BaseException:
         slot.release()
         raise
