@@ -25,19 +25,14 @@ PIECES = ["The first", " piece", "  keeps  its spaces\n", "and 👋 世界", " <
 WHOLE = "".join(PIECES)
 
 
-def held_reply(**options: object) -> tuple[Reply, threading.Event]:
-    """A reply that sends its first piece, then waits for the test before sending the rest."""
-    release = threading.Event()
-    return Reply(pieces=PIECES, gates={1: release}, **options), release
-
-
 @pytest.fixture
-def release_all() -> Iterator[list[threading.Event]]:
-    """Gates to open when the test ends, so a failed test never leaves the upstream waiting."""
-    gates: list[threading.Event] = []
-    yield gates
-    for gate in gates:
-        gate.set()
+def release(fake: FakeUpstream) -> Iterator[threading.Event]:
+    """The upstream's next reply sends its first piece, then waits for this gate before the rest.
+    The gate opens when the test ends too, so a failed test never leaves the upstream waiting."""
+    gate = threading.Event()
+    fake.expect(Reply(pieces=PIECES, gates={1: gate}))
+    yield gate
+    gate.set()
 
 
 def ask(page: Page, service: Service, message: str = "hi", key: str | None = KEY) -> None:
@@ -57,11 +52,8 @@ def expect_state(page: Page, state: str) -> None:
 
 
 def test_page_shows_each_piece_while_the_upstream_holds_the_rest(
-    fake: FakeUpstream, service: Service, page: Page, release_all: list[threading.Event]
+    fake: FakeUpstream, service: Service, page: Page, release: threading.Event
 ) -> None:
-    reply, release = held_reply()
-    release_all.append(release)
-    fake.expect(reply)
     sent: list[Request] = []
     page.on("request", lambda request: sent.append(request) if request.url.endswith("/chat") else None)
     ask(page, service, "What streams?")
@@ -90,11 +82,8 @@ def test_page_shows_each_piece_while_the_upstream_holds_the_rest(
 
 
 def test_stop_closes_the_upstream_connection(
-    fake: FakeUpstream, service: Service, page: Page, release_all: list[threading.Event]
+    fake: FakeUpstream, service: Service, page: Page, release: threading.Event
 ) -> None:
-    reply, release = held_reply()
-    release_all.append(release)
-    fake.expect(reply)
     ask(page, service)
     expect(page.locator("#answer")).to_have_text("The first")
 
@@ -196,22 +185,17 @@ def test_cors_preflight_allows_the_listed_origin(cors_service: Service) -> None:
     assert "origin" in header_set(response.headers["vary"])  # caches must not serve it to other origins
 
 
-def test_cors_request_still_streams(fake: FakeUpstream, cors_service: Service) -> None:
-    reply, release = held_reply()
-    fake.expect(reply)
+def test_cors_request_still_streams(fake: FakeUpstream, cors_service: Service, release: threading.Event) -> None:
     headers = {**AUTH, "Origin": ORIGIN}
-    try:
-        with httpx.stream("POST", cors_service.base_url + "/chat", json={"message": "hi"}, headers=headers, timeout=5) as response:
-            assert response.status_code == 200
-            assert response.headers["access-control-allow-origin"] == ORIGIN
-            assert "retry-after" in header_set(response.headers["access-control-expose-headers"])
-            chunks = response.iter_raw()
-            assert next(chunks) == b"The first"
-            assert not release.is_set() and fake.requests[-1].pieces_sent == 1
-            release.set()
-            assert (b"The first" + b"".join(chunks)).decode() == WHOLE
-    finally:
+    with httpx.stream("POST", cors_service.base_url + "/chat", json={"message": "hi"}, headers=headers, timeout=5) as response:
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == ORIGIN
+        assert "retry-after" in header_set(response.headers["access-control-expose-headers"])
+        chunks = response.iter_raw()
+        assert next(chunks) == b"The first"
+        assert not release.is_set() and fake.requests[-1].pieces_sent == 1
         release.set()
+        assert (b"The first" + b"".join(chunks)).decode() == WHOLE
 
 
 def test_cors_refuses_an_origin_not_listed(fake: FakeUpstream, cors_service: Service) -> None:
