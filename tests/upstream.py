@@ -21,7 +21,8 @@ from http.client import responses
 from pathlib import Path
 from typing import Any
 
-STREAMS_DIR = Path(__file__).resolve().parents[2] / "shared" / "openai_streams"
+# Real captured upstream streams, carried by the repository (INDEX.md there says where each came from).
+STREAMS_DIR = Path(__file__).resolve().parent / "captures" / "openai_streams"
 
 
 def captured(name: str) -> bytes:
