@@ -878,16 +878,6 @@ class RequestLog:
             exchange.record(self.runtime.settings, self.runtime.metrics)
 
 
-async def metrics(request: Request) -> Response:
-    """GET /metrics: Prometheus text format; all workers' figures when there are several."""
-    key = runtime_of(request).settings.metrics_key
-    if key is not None:
-        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(presented.encode(), key.encode()):
-            raise ServiceError(401, "Send 'Authorization: Bearer <METRICS_KEY>'.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return Response(runtime_of(request).metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
-
-
 # ------------------------------------------------------------------------------------------------
 # Relay: one streaming response, from the first upstream byte to the last client byte.
 # ------------------------------------------------------------------------------------------------
@@ -1067,24 +1057,22 @@ def authenticate(request: Request, settings: Settings) -> None:
             "send 'Authorization: Bearer <key>'.",
             code="key_in_url",
         )
-    if not settings.api_keys:
-        return
+    if settings.api_keys:
+        require_key(request, settings.api_keys, "Missing or invalid API key; send 'Authorization: Bearer <key>'.")
+
+
+def require_key(request: Request, keys: tuple[str, ...], message: str) -> None:
+    """Refuse the request unless it sends one of `keys` as a bearer token."""
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     presented = presented.strip()
     # Digests of equal length, every key compared, in constant time: the timing tells nothing
     # about which key, or how much of one, matched.
     digest = hashlib.sha256(presented.encode()).digest()
     matched = False
-    for key in settings.api_keys:
+    for key in keys:
         matched |= hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest())
     if scheme.lower() != "bearer" or not presented or not matched:
-        raise ServiceError(
-            401,
-            "Missing or invalid API key; send 'Authorization: Bearer <key>'.",
-            "invalid_request_error",
-            "invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise ServiceError(401, message, "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def _reject_constant(name: str) -> Any:
@@ -1326,12 +1314,29 @@ async def chat_completions(request: Request) -> Response:
     return RelayResponse(runtime, exchange, framing, produce, [call], slot)
 
 
+GET_CHAT_PARAMETERS = {"q", "model", "max_tokens", "temperature"}
+
+
+def _query_number(raw: str, name: str, kind: type[int] | type[float]) -> int | float:
+    """A number from the URL, to be checked like the same field of a JSON body."""
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ServiceError(400, f"'{name}' must be {what}, not {raw[:40]!r}.", param=name) from None
+    return value
+
+
 async def chat_fields(request: Request, settings: Settings) -> dict[str, Any]:
     if request.method == "GET":
         query = request.query_params
-        unknown = set(query) - {"q", "model"}
+        unknown = set(query) - GET_CHAT_PARAMETERS
         if unknown:
-            raise ServiceError(400, f"Unknown query parameter(s): {', '.join(sorted(unknown))}. GET /chat takes q and model.", param=sorted(unknown)[0])
+            raise ServiceError(
+                400,
+                f"Unknown query parameter(s): {', '.join(sorted(unknown))}. GET /chat takes {', '.join(sorted(GET_CHAT_PARAMETERS))}.",
+                param=sorted(unknown)[0],
+            )
         text = query.get("q", "")
         if len(text) > settings.max_query_chars:
             raise ServiceError(414, f"'q' is longer than MAX_QUERY_CHARS ({settings.max_query_chars}); POST the message instead.", param="q", code="query_too_long")
@@ -1340,6 +1345,9 @@ async def chat_fields(request: Request, settings: Settings) -> dict[str, Any]:
         fields: dict[str, Any] = {"message": text}
         if "model" in query:
             fields["model"] = query["model"]
+        for name, kind in (("max_tokens", int), ("temperature", float)):
+            if name in query:
+                fields[name] = _query_number(query[name], name, kind)
         return fields
     return await read_json_object(request, settings)
 
@@ -1412,6 +1420,19 @@ async def healthz(request: Request) -> Response:
     )
 
 
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text format; all workers' figures when there are several.
+
+    It tells how busy the service is and what its clients do, so it is never more open than the
+    API: METRICS_KEY, when set, is the only key it takes; otherwise the client keys, if any."""
+    settings = runtime_of(request).settings
+    if settings.metrics_key is not None:
+        require_key(request, (settings.metrics_key,), "Send 'Authorization: Bearer <METRICS_KEY>'.")
+    else:
+        authenticate(request, settings)
+    return Response(runtime_of(request).metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 
@@ -1464,11 +1485,17 @@ def demo_words(messages: list[dict[str, Any]]) -> list[str]:
     return [word if index == 0 else " " + word for index, word in enumerate(words) if word or index > 0]
 
 
-def demo_chunk(model: str, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
-    chunk: dict[str, Any] = {"id": "chatcmpl-demo", "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": choices}
-    if usage is not None:
-        chunk["usage"] = usage
-    return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+DEMO_MAX_CHOICES = 8
+
+
+def demo_choices(body: Mapping[str, Any]) -> int:
+    """How many choices a demo completion has: OpenAI's `n`, checked as OpenAI checks it."""
+    n = body.get("n", 1)
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= DEMO_MAX_CHOICES:
+        raise ServiceError(400, f"'n' must be a whole number from 1 to {DEMO_MAX_CHOICES} for the demo model.", param="n")
+    return n
 
 
 class DemoModel:
@@ -1492,28 +1519,42 @@ class DemoModel:
 
     async def complete(self, request: Request) -> Response:
         body = await request.json()
+        try:
+            choices = demo_choices(body)
+        except ServiceError as error:
+            return error.response()
         model = body.get("model") or "demo"
+        # Like a real server: one id and one creation time for every chunk of a completion.
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model}
         words = demo_words(body.get("messages") or [])
         limit = body.get("max_tokens") or body.get("max_completion_tokens") or len(words)
         finish_reason = "length" if limit < len(words) else "stop"
         words = words[:limit]
-        usage = {"prompt_tokens": 12, "completion_tokens": len(words), "total_tokens": 12 + len(words)}
+        usage = {"prompt_tokens": 12, "completion_tokens": choices * len(words), "total_tokens": 12 + choices * len(words)}
         if not body.get("stream"):
             message = {"role": "assistant", "content": "".join(words)}
             return JSONResponse(
-                {"id": "chatcmpl-demo", "object": "chat.completion", "created": int(time.time()), "model": model,
-                 "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}], "usage": usage}
+                {**head, "object": "chat.completion", "usage": usage,
+                 "choices": [{"index": index, "message": message, "finish_reason": finish_reason} for index in range(choices)]}
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
+        def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, usage: dict[str, int] | None = None) -> bytes:
+            event: dict[str, Any] = {**head, "object": "chat.completion.chunk", "choices": []}
+            if delta is not None:
+                event["choices"] = [{"index": index, "delta": delta, "finish_reason": finish} for index in range(choices)]
+            if usage is not None:
+                event["usage"] = usage
+            return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+
         async def events() -> AsyncIterator[bytes]:
-            yield demo_chunk(model, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            yield chunk({"role": "assistant", "content": ""})
             for word in words:
                 await anyio.sleep(self.seconds_per_word)
-                yield demo_chunk(model, [{"index": 0, "delta": {"content": word}, "finish_reason": None}])
-            yield demo_chunk(model, [{"index": 0, "delta": {}, "finish_reason": finish_reason}])
+                yield chunk({"content": word})
+            yield chunk({}, finish_reason)
             if include_usage:
-                yield demo_chunk(model, [], usage)
+                yield chunk(usage=usage)
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

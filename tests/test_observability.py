@@ -141,6 +141,17 @@ def test_metrics_move_as_streams_run(fake: FakeUpstream, observed: Service, http
     assert "relay_rejected_for_capacity_total" in after and "relay_stream_duration_seconds_count{route=\"/chat\"}" in after
 
 
+def test_metrics_take_the_client_keys_when_no_metrics_key_is_set(upstream: FakeUpstream, service: Service) -> None:
+    """With API_KEYS and no METRICS_KEY, /metrics is exactly as closed as the API."""
+    assert "METRICS_KEY" not in upstream_env(upstream)
+    url = f"{service.base_url}/metrics"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong-key"}).status_code == 401
+    response = httpx.get(url, headers=AUTH)
+    assert response.status_code == 200 and "relay_requests_total" in response.text
+    assert httpx.get(url, headers={"Authorization": "Bearer second-key"}).status_code == 200
+
+
 def test_metrics_need_their_key(observed: Service) -> None:
     assert httpx.get(f"{observed.base_url}/metrics").status_code == 401
     assert httpx.get(f"{observed.base_url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401

@@ -306,7 +306,34 @@ def test_get_chat_without_q_is_400_naming_q(http: httpx.Client, fake: FakeUpstre
 
 
 def test_get_chat_unknown_parameter_is_400(http: httpx.Client) -> None:
-    assert_error(http.get(CHAT, params={"q": "hi", "temperature": "0.5"}), 400, "temperature")
+    assert_error(http.get(CHAT, params={"q": "hi", "top_p": "0.5"}), 400, "top_p")
+
+
+def test_get_chat_takes_max_tokens_and_temperature(http: httpx.Client, fake: FakeUpstream) -> None:
+    """A quick curl or EventSource against a real model must be able to bound the answer."""
+    response = http.get(CHAT, params={"q": "hi", "max_tokens": "7", "temperature": "0.25"})
+    assert (response.status_code, response.text) == (200, NORMAL_TEXT)
+    sent = fake.requests[-1].body
+    assert (sent["max_tokens"], sent["temperature"]) == (7, 0.25)
+    assert isinstance(sent["max_tokens"], int)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"max_tokens": "2.5"}, "max_tokens"),
+        ({"max_tokens": "0"}, "max_tokens"),
+        ({"max_tokens": ""}, "max_tokens"),
+        ({"temperature": "warm"}, "temperature"),
+        ({"temperature": "3"}, "temperature"),
+        ({"temperature": "nan"}, "temperature"),
+        ({"temperature": "inf"}, "temperature"),
+    ],
+)
+def test_get_chat_bad_numbers_are_400_naming_them(http: httpx.Client, fake: FakeUpstream, params: dict[str, str], field: str) -> None:
+    assert_error(http.get(CHAT, params={"q": "hi", **params}), 400, field)
+    assert fake.requests == []
 
 
 def test_get_chat_empty_model_is_400(http: httpx.Client) -> None:
