@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import threading
+import urllib.parse
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 
 # Real captured upstream streams, carried by the repository (INDEX.md there says where each came from).
 STREAMS_DIR = Path(__file__).resolve().parent / "captures" / "openai_streams"
+RESPONSES_STREAMS_DIR = Path(__file__).resolve().parent / "captures" / "responses_streams"
 
 
 def captured(name: str) -> bytes:
@@ -50,6 +52,7 @@ MID_STREAM_ERROR = (
     b'"type": "server_error", "param": null, "code": null}}\n\n'
 )
 GARBAGE_EVENT = b"data: this is not json\n\n"
+RESPONSES_ERROR_MESSAGE = "The server had an error while processing your request."
 
 # (type, code, message) as OpenAI sends them for the statuses tests usually simulate.
 _DEFAULT_ERRORS: dict[int, tuple[str, str | None, str]] = {
@@ -109,6 +112,8 @@ class Recorded:
     finished: bool = False
     closed: threading.Event = field(default_factory=threading.Event)
     pieces_sent: int = 0
+    method: str = "POST"
+    query: dict[str, str] = field(default_factory=dict)
 
 
 def _json(obj: object) -> bytes:
@@ -134,6 +139,21 @@ def _default_error_body(status: int) -> bytes:
     fallback = ("server_error" if status >= 500 else "invalid_request_error", None, f"Fake upstream error {status}.")
     type_, code, message = _DEFAULT_ERRORS.get(status, fallback)
     return _error_json(message, type_, code)
+
+
+MODELS = ("fake-model", "other-model")
+MODEL_NOT_FOUND = {"error": {"message": "The model does not exist or you do not have access to it.",
+                             "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
+
+
+def _model(model: str) -> dict:
+    return {"id": model, "object": "model", "created": CREATED, "owned_by": "fake"}
+
+
+def _after(path: str, prefix: str) -> str | None:
+    """What follows `prefix` in `path` (URL-decoded), if `path` continues it."""
+    at = path.find(prefix)
+    return urllib.parse.unquote(path[at + len(prefix) :]) if at >= 0 and path[at + len(prefix) :] else None
 
 
 def _invalid_request(status: int, message: str) -> bytes:
@@ -168,20 +188,42 @@ class _Plan:
     events: list[bytes]
     tail: list[bytes]
     chunked: bool
+    error_event: Callable[[int], bytes] = lambda pieces: _frame(MID_STREAM_ERROR)  # error_after's event
+
+
+def _error_plan(reply: Reply) -> _Plan:
+    if reply.raw_status_body is not None:
+        err = reply.raw_status_body
+    elif isinstance(reply.error_body, bytes):
+        err = reply.error_body
+    elif reply.error_body is not None:
+        err = _json(reply.error_body)
+    else:
+        err = _default_error_body(reply.status)
+    return _Plan(_json_head(reply.status, err, reply.extra_headers), [err], [], chunked=False)
+
+
+def _json_plan(reply: Reply, payload: object) -> _Plan:
+    data = _json(payload)
+    return _Plan(_json_head(200, data, reply.extra_headers), [data], [], chunked=False)
+
+
+def _sse_head(reply: Reply) -> bytes:
+    return _head(
+        200,
+        {
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Transfer-Encoding": "chunked",
+            "Cache-Control": "no-cache",
+            "Connection": "keep-alive",
+            **reply.extra_headers,
+        },
+    )
 
 
 def _plan(reply: Reply, body: dict, completion_id: str) -> _Plan:
     if reply.status != 200:
-        if reply.raw_status_body is not None:
-            err = reply.raw_status_body
-        elif isinstance(reply.error_body, bytes):
-            err = reply.error_body
-        elif reply.error_body is not None:
-            err = _json(reply.error_body)
-        else:
-            err = _default_error_body(reply.status)
-        return _Plan(_json_head(reply.status, err, reply.extra_headers), [err], [], chunked=False)
-
+        return _error_plan(reply)
     model = reply.model or body.get("model", "")
     if not body.get("stream"):
         completion = _json(
@@ -204,16 +246,7 @@ def _plan(reply: Reply, body: dict, completion_id: str) -> _Plan:
         )
         return _Plan(_json_head(200, completion, reply.extra_headers), [completion], [], chunked=False)
 
-    head = _head(
-        200,
-        {
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Transfer-Encoding": "chunked",
-            "Cache-Control": "no-cache",
-            "Connection": "keep-alive",
-            **reply.extra_headers,
-        },
-    )
+    head = _sse_head(reply)
     if reply.raw is not None:
         return _Plan(head, [_frame(event) for event in _split_events(reply.raw)], [], chunked=True)
     if reply.raw_chunks is not None:
@@ -246,6 +279,94 @@ def _plan(reply: Reply, body: dict, completion_id: str) -> _Plan:
     return _Plan(head, [event(choices=choice({"content": piece})) for piece in reply.pieces], tail, chunked=True)
 
 
+# -- the Responses API -------------------------------------------------------------------------------
+#
+# A streamed reply is OpenAI's real event sequence: response.created, response.in_progress,
+# response.output_item.added, response.content_part.added, one response.output_text.delta per
+# piece (the gated events), then the .done events and response.completed (response.incomplete for
+# finish_reason "length"; no terminal event for finish_reason None). Every event carries
+# `event: <type>` and a sequence_number counted from 0, and there is no [DONE].
+
+
+def _responses_usage(usage: dict | None) -> dict | None:
+    if usage is None:
+        return None
+    return {
+        "input_tokens": usage["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": usage["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage["total_tokens"],
+    }
+
+
+def response_object(response_id: str, model: str, status: str, output: list, usage: dict | None = None, incomplete: dict | None = None) -> dict:
+    return {
+        "id": response_id, "object": "response", "created_at": CREATED, "status": status, "background": False,
+        "error": None, "incomplete_details": incomplete, "instructions": None, "max_output_tokens": None,
+        "model": model, "output": output, "parallel_tool_calls": True, "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None}, "store": True, "temperature": 1.0,
+        "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+        "truncation": "disabled", "usage": usage, "user": None, "metadata": {},
+    }
+
+
+def responses_event(kind: str, sequence_number: int, **fields: object) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), _json({"type": kind, "sequence_number": sequence_number, **fields}))
+
+
+def responses_error_event(sequence_number: int) -> bytes:
+    """OpenAI's mid-stream error event."""
+    return responses_event("error", sequence_number, code="server_error", message=RESPONSES_ERROR_MESSAGE, param=None)
+
+
+def _responses_plan(reply: Reply, body: dict, response_id: str, starting_after: int = -1) -> _Plan:
+    if reply.status != 200:
+        return _error_plan(reply)
+    model = reply.model or body.get("model", "")
+    item_id = f"msg_{response_id.removeprefix('resp_')}"
+    text = "".join(reply.pieces)
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+    item_status = "incomplete" if reply.finish_reason == "length" else "completed"
+    item = {"id": item_id, "type": "message", "status": item_status, "role": "assistant", "content": [part]}
+    usage = _responses_usage(reply.usage)
+    incomplete = {"reason": "max_output_tokens"} if reply.finish_reason == "length" else None
+    status = "incomplete" if reply.finish_reason == "length" else "completed"
+    finished = response_object(response_id, model, status, [item], usage, incomplete)
+    if not body.get("stream"):
+        return _json_plan(reply, finished)
+    if reply.raw is not None:
+        return _Plan(_sse_head(reply), [_frame(event) for event in _split_events(reply.raw)], [], chunked=True)
+    if reply.raw_chunks is not None:
+        return _Plan(_sse_head(reply), [_frame(chunk) for chunk in reply.raw_chunks], [], chunked=True)
+
+    started = response_object(response_id, model, "in_progress", [])
+    at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    opening = [
+        ("response.created", {"response": started}),
+        ("response.in_progress", {"response": started}),
+        ("response.output_item.added", {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}}),
+        ("response.content_part.added", {**at, "part": {**part, "text": ""}}),
+    ]
+    deltas = [("response.output_text.delta", {**at, "delta": piece, "logprobs": []}) for piece in reply.pieces]
+    closing = [] if reply.finish_reason is None else [
+        ("response.output_text.done", {**at, "text": text, "logprobs": []}),
+        ("response.content_part.done", {**at, "part": part}),
+        ("response.output_item.done", {"output_index": 0, "item": item}),
+        (f"response.{status}", {"response": finished}),
+    ]
+    numbered = list(enumerate(opening + deltas + closing))
+    opening_n, deltas_n = numbered[: len(opening)], numbered[len(opening) : len(opening) + len(deltas)]
+    closing_n = numbered[len(opening) + len(deltas) :]
+
+    def frames(events: list) -> list[bytes]:
+        return [_frame(responses_event(kind, n, **fields)) for n, (kind, fields) in events if n > starting_after]
+
+    head = _sse_head(reply) + b"".join(frames(opening_n) if reply.role_chunk else [])
+    return _Plan(head, frames(deltas_n), frames(closing_n), chunked=True,
+                 error_event=lambda pieces: _frame(responses_error_event(len(opening) + pieces)))
+
+
 async def _wait_gate(gate: threading.Event | None) -> bool:
     """Poll rather than block, so the loop keeps watching the peer while a test holds the gate."""
     if gate is None:
@@ -276,6 +397,7 @@ class _Request:
     headers: dict[str, str]
     body: bytes
     received_at: float
+    query: dict[str, str] = field(default_factory=dict)
 
 
 class _Conn:
@@ -364,7 +486,8 @@ class _Conn:
                 raise ValueError("negative Content-Length")
         except ValueError as exc:
             raise _BadRequest(str(exc)) from exc
-        return _Request(method, target.split("?", 1)[0], headers, body, time.monotonic())
+        path, _, query = target.partition("?")
+        return _Request(method, path, headers, body, time.monotonic(), dict(urllib.parse.parse_qsl(query)))
 
 
 class FakeUpstream:
@@ -372,6 +495,7 @@ class FakeUpstream:
         self.port = 0
         self.base_url = ""
         self.default: Callable[[dict], Reply] | Reply = Reply()
+        self.models = list(MODELS)
         self.requests: list[Recorded] = []
         self._queue: deque[Reply] = deque()
         self._cond = threading.Condition()  # guards _queue and requests
@@ -416,6 +540,7 @@ class FakeUpstream:
             self._queue.clear()
             self.requests.clear()
             self.default = Reply()
+            self.models = list(MODELS)
 
     def open_connections(self) -> int:
         return len(self._conns)
@@ -462,12 +587,49 @@ class FakeUpstream:
             del self._conns[conn]
             writer.close()
 
+    def _planner(self, request: _Request) -> Callable[[Reply, dict, int], _Plan] | None:
+        """How the reply to `request` is rendered; None for a route OpenAI does not have."""
+        method, path, query = request.method, request.path, request.query
+        if method == "POST" and path.endswith("/chat/completions"):
+            return lambda reply, body, n: _plan(reply, body, f"chatcmpl-fake{n}")
+        if method == "POST" and path.endswith("/v1/responses"):
+            return lambda reply, body, n: _responses_plan(reply, body, f"resp_fake{n}")
+        if method == "GET" and path.endswith("/v1/models"):
+            return lambda reply, body, n: self._json_reply(reply, {"object": "list", "data": [_model(m) for m in self.models]})
+        if method == "GET" and (model := _after(path, "/v1/models/")) is not None:
+            if model not in self.models:
+                return lambda reply, body, n: _error_plan(reply if reply.status != 200 else Reply(status=404, error_body=MODEL_NOT_FOUND))
+            return lambda reply, body, n: self._json_reply(reply, _model(model))
+        response_id, _, action = (_after(path, "/v1/responses/") or "").partition("/")
+        if not response_id:
+            return None
+        if method == "GET" and not action and query.get("stream") == "true":
+            after = int(query.get("starting_after", "-1"))
+            return lambda reply, body, n: _responses_plan(reply, {"stream": True}, response_id, after)
+        if method == "GET" and not action:
+            return lambda reply, body, n: _responses_plan(reply, {}, response_id)
+        if method == "POST" and action == "cancel":
+            return lambda reply, body, n: self._json_reply(reply, response_object(response_id, reply.model, "cancelled", []))
+        if method == "DELETE" and not action:
+            return lambda reply, body, n: self._json_reply(reply, {"id": response_id, "object": "response.deleted", "deleted": True})
+        if method == "GET" and action == "input_items":
+            item = {"id": "msg_input", "type": "message", "role": "user", "status": "completed",
+                    "content": [{"type": "input_text", "text": "hi"}]}
+            listing = {"object": "list", "data": [item], "first_id": "msg_input", "last_id": "msg_input", "has_more": False}
+            return lambda reply, body, n: self._json_reply(reply, listing)
+        return None
+
+    @staticmethod
+    def _json_reply(reply: Reply, payload: object) -> _Plan:
+        return _error_plan(reply) if reply.status != 200 else _json_plan(reply, payload)
+
     async def _dispatch(self, conn: _Conn, request: _Request) -> None:
-        if request.method != "POST" or not request.path.endswith("/chat/completions"):
+        planner = self._planner(request)
+        if planner is None:
             await conn.write(_invalid_request(404, f"Invalid URL ({request.method} {request.path})"))
             return
         try:
-            body = json.loads(request.body)
+            body = json.loads(request.body) if request.body else {}
         except ValueError as exc:
             await conn.write(_invalid_request(400, f"We could not parse the JSON body of your request: {exc}"))
             return
@@ -476,7 +638,8 @@ class FakeUpstream:
             return
 
         reply = self._next_reply(body)
-        rec = Recorded(path=request.path, headers=request.headers, body=body, received_at=request.received_at)
+        rec = Recorded(path=request.path, headers=request.headers, body=body, received_at=request.received_at,
+                       method=request.method, query=request.query)
         with self._cond:
             self.requests.append(rec)
             self._cond.notify_all()
@@ -486,7 +649,7 @@ class FakeUpstream:
             _mark_closed(rec)
 
         # Play the reply while watching the peer; whichever ends first ends the request.
-        play = asyncio.create_task(self._play(conn, rec, _plan(reply, body, f"chatcmpl-fake{next(self._ids)}"), reply))
+        play = asyncio.create_task(self._play(conn, rec, planner(reply, body, next(self._ids)), reply))
         watcher = asyncio.create_task(watch())
         try:
             await asyncio.wait({play, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -550,7 +713,7 @@ class FakeUpstream:
             abort()
             return
         if reply.error_after == n:
-            ending = [_frame(MID_STREAM_ERROR)]
+            ending = [plan.error_event(n)]
         elif reply.garbage_after == n:
             ending = [_frame(GARBAGE_EVENT)]
         else:
