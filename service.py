@@ -403,27 +403,19 @@ def service_error_from(error: openai.OpenAIError) -> ServiceError:
     return ServiceError(502, f"The upstream failed (HTTP {status}): {_upstream_message(error)}", "upstream_error", "upstream_error")
 
 
-async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
-    """Send one chat completion request; return once the upstream's response headers arrived
-    (without streaming, once the whole answer did).
-
-    The request body is the client's, passed through field by field (`extra_body`), so fields this
-    service does not know still reach the upstream.
-    """
-    fields = dict(body)
-    model, messages, stream = fields.pop("model"), fields.pop("messages"), fields.pop("stream", False)
+async def send_upstream(call: UpstreamCall, request: Callable[[], httpx2.Response], stream: bool) -> httpx2.Response:
+    """Make one upstream request with the openai client (`request`, which returns its raw HTTP
+    response); return once the response headers arrived (without streaming, once the whole body did)."""
 
     def send() -> httpx2.Response:
         try:
-            raw = client.chat.completions.with_raw_response.create(
-                model=model, messages=messages, stream=stream, extra_body=fields
-            )
+            response = request()
         except openai.OpenAIError:
             call.finish()  # its connection may already serve another call
             raise
         if not stream:
             call.finish()  # httpx has read the whole answer already
-        return raw.http_response
+        return response
 
     try:
         return await in_worker_thread(call, send)
@@ -431,6 +423,58 @@ async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[st
         raise
     except openai.OpenAIError as error:
         raise service_error_from(error) from None
+
+
+Opener = Callable[[openai.OpenAI, UpstreamCall, dict[str, Any]], Awaitable[httpx2.Response]]
+
+
+async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
+    """Send one chat completion request.
+
+    The request body is the client's, passed through field by field (`extra_body`), so fields this
+    service does not know still reach the upstream.
+    """
+    fields = dict(body)
+    model, messages, stream = fields.pop("model"), fields.pop("messages"), fields.pop("stream", False)
+    return await send_upstream(
+        call,
+        lambda: client.chat.completions.with_raw_response.create(model=model, messages=messages, stream=stream, extra_body=fields).http_response,
+        stream,
+    )
+
+
+def _no_responses_api(error: ServiceError, request: str) -> ServiceError:
+    return ServiceError(
+        404,
+        f"The upstream has no Responses API: {request} answered 404 ({error.message}). OpenAI and recent vLLM "
+        "versions serve it; older Ollama and llama.cpp servers do not. Use /v1/chat/completions with this upstream.",
+        code="responses_api_unsupported",
+    )
+
+
+async def open_responses(client: openai.OpenAI, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
+    """Send one Responses API request (POST /responses), the body field by field as for chat."""
+    fields = dict(body)
+    model, stream = fields.pop("model"), fields.pop("stream", False)
+    try:
+        return await send_upstream(
+            call, lambda: client.responses.with_raw_response.create(model=model, stream=stream, extra_body=fields).http_response, stream
+        )
+    except ServiceError as error:
+        if error.status == 404 and error.code != "model_not_found":
+            raise _no_responses_api(error, "POST /v1/responses") from None
+        raise
+
+
+async def open_resource(client: openai.OpenAI, call: UpstreamCall, method: str, path: str, query: Mapping[str, str], stream: bool) -> httpx2.Response:
+    """Any other upstream request (`path` relative to the base URL), its body not parsed."""
+    options: Any = {"params": dict(query)}
+    raw = httpx2.Response
+    if method == "GET":
+        return await send_upstream(call, lambda: client.get(path, cast_to=raw, options=options, stream=stream, stream_cls=openai.Stream[Any]), stream)
+    if method == "POST":
+        return await send_upstream(call, lambda: client.post(path, cast_to=raw, options=options), stream)
+    return await send_upstream(call, lambda: client.delete(path, cast_to=raw, options=options), stream)
 
 
 DONE = b"[DONE]"
@@ -442,11 +486,14 @@ class SSEDecoder:
     """Splits an upstream SSE byte stream into the data payloads of its events.
 
     Comment lines (": OPENROUTER PROCESSING", keep-alives) and events without data are dropped;
-    multi-line data is joined with newlines, as the SSE specification says.
+    multi-line data is joined with newlines, as the SSE specification says. With `whole_events`,
+    each event comes whole instead (its `event:` and `data:` lines, without comments), for APIs
+    whose event names matter.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, whole_events: bool = False) -> None:
         self._buffer = b""
+        self._whole_events = whole_events
 
     def feed(self, data: bytes) -> list[bytes]:
         if len(self._buffer) > MAX_EVENT_BYTES:
@@ -457,6 +504,12 @@ class SSEDecoder:
             data = data[: len(data) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
         *events, self._buffer = data.split(b"\n\n")
         payloads = []
+        if self._whole_events:
+            for event in events:
+                lines = [line for line in event.split(b"\n") if line and not line.startswith(b":")]
+                if any(line.startswith(b"data:") for line in lines):
+                    payloads.append(b"\n".join(lines))
+            return payloads
         for event in events:
             if event.startswith(b"data: ") and b"\n" not in event:
                 payloads.append(event[6:])  # the common case, without splitting lines
@@ -467,15 +520,16 @@ class SSEDecoder:
         return payloads
 
 
-def upstream_events(call: UpstreamCall, response: httpx2.Response) -> Iterator[list[bytes]]:
-    """The upstream's event payloads, one list per network read, up to and including [DONE].
+def upstream_events(call: UpstreamCall, response: httpx2.Response, whole_events: bool = False) -> Iterator[list[bytes]]:
+    """The upstream's event payloads (whole events with `whole_events`), one list per network
+    read, up to and including [DONE].
 
     Runs in worker threads, one thread hop per read, however many events the read carried:
     httpx yields one piece per HTTP chunk and upstreams send each event in a chunk of its own, so
     pieces are gathered for as long as more has arrived already. A relay that fell behind then
     catches up in a few hops, instead of one per event.
     """
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(whole_events)
     payloads: list[bytes] = []
     failure: StreamFailure | None = None
     try:
@@ -684,6 +738,64 @@ class OpenAIFraming(Framing):
         return b"data: " + json.dumps({"error": failure.error()}).encode() + b"\n\n" + self.done()
 
 
+RESPONSE_ENDINGS = {b"response.completed", b"response.failed", b"response.incomplete"}
+
+
+class ResponsesFraming(Framing):
+    """/v1/responses: the upstream's events, `event:` and `data:` lines and sequence_numbers as
+    they came. This API has no [DONE] (one an upstream sends is passed on); a stream ends with
+    response.completed, .failed or .incomplete, or with an `error` event."""
+
+    media_type = "text/event-stream"
+    heartbeat = b": ping\n\n"
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] | None = None
+        self.failure: StreamFailure | None = None
+        self.ended = False
+        self.deltas = 0  # response.*.delta events sent
+        self._last_sequence_number = -1
+        self._upstream_error: bytes | None = None  # the upstream's own error event, passed on as it is
+
+    def events(self, events: list[bytes]) -> bytes:
+        """The frames for `events`; one that is not a Responses event, or an `error` event, stops
+        them and is kept as `failure`, to be raised once the frames before it were sent."""
+        frames = []
+        for event in events:
+            data = b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+            if data != DONE:
+                try:
+                    parsed = parse_chunk(data)
+                except StreamFailure as failure:
+                    self.failure = failure
+                    break
+                kind = str(parsed.get("type", "")).encode()
+                if isinstance(parsed.get("sequence_number"), int):
+                    self._last_sequence_number = parsed["sequence_number"]
+                if kind == b"error":
+                    self.failure = StreamFailure("upstream_error", f"The upstream reported an error: {parsed.get('message')}")
+                    self._upstream_error = event + b"\n\n"
+                    break
+                if kind.endswith(b".delta"):
+                    self.deltas += 1
+                if kind in RESPONSE_ENDINGS:
+                    self.ended = True
+                    usage = (parsed.get("response") or {}).get("usage")
+                    if isinstance(usage, dict):
+                        self.usage = {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
+                                      "total_tokens": usage.get("total_tokens")}
+            frames.append(event + b"\n\n")
+        return b"".join(frames)
+
+    def error_frame(self, failure: StreamFailure) -> bytes:
+        if failure is self.failure and self._upstream_error is not None:
+            return self._upstream_error
+        self._last_sequence_number += 1
+        error = {"type": "error", "code": failure.type, "message": failure.message, "param": None,
+                 "sequence_number": self._last_sequence_number}
+        return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
+
+
 class ChatFraming(Framing):
     """/chat as plain text: the raw deltas. A failure leaves the response visibly unfinished."""
 
@@ -842,7 +954,7 @@ class Exchange:
         return "rejected" if 400 <= self.status < 500 or self.status == 503 else "error"
 
 
-ROUTES_MEASURED = {"/chat", "/v1/chat/completions"}
+ROUTES_MEASURED = {"/chat", "/v1/chat/completions", "/v1/responses"}
 
 
 def exchange_of(request: Request) -> Exchange:
@@ -893,6 +1005,7 @@ class Runtime:
     streams: anyio.CapacityLimiter | None = None
     shutting_down: anyio.Event | None = None
     demo: DemoModel | None = None
+    model_listings: ModelsCache = field(default_factory=lambda: ModelsCache())
 
 
 class Slot:
@@ -1234,15 +1347,15 @@ async def upstream_until_disconnect(request: Request, call: UpstreamCall, work: 
     raise failure
 
 
-async def call_upstream(request: Request, body: dict[str, Any]) -> tuple[UpstreamCall, httpx2.Response]:
+async def call_upstream(request: Request, body: dict[str, Any], open: Opener = open_upstream) -> tuple[UpstreamCall, httpx2.Response]:
     """Note what the request asks of the upstream, and send it there (aborted if the client
     leaves before the answer starts)."""
     runtime, exchange = runtime_of(request), exchange_of(request)
     exchange.model = body["model"]
-    exchange.prompt = body["messages"] if runtime.settings.log_content else None
+    exchange.prompt = body.get("messages", body.get("input")) if runtime.settings.log_content else None
     call = UpstreamCall()
     assert runtime.client is not None
-    return call, await upstream_until_disconnect(request, call, open_upstream(runtime.client, call, body))
+    return call, await upstream_until_disconnect(request, call, open(runtime.client, call, body))
 
 
 def admit(request: Request) -> Slot:
@@ -1312,6 +1425,137 @@ async def chat_completions(request: Request) -> Response:
             exchange.completion = framing.transcript and framing.transcript.text
 
     return RelayResponse(runtime, exchange, framing, produce, [call], slot)
+
+
+def check_input(body: Mapping[str, Any]) -> None:
+    """A Responses API request's `input`: text, or an array of input items (the upstream judges
+    the items). It may be left out only where the request names its input another way."""
+    if "input" not in body and any(name in body for name in ("previous_response_id", "conversation", "prompt")):
+        return
+    if not isinstance(body.get("input"), (str, list)):
+        raise ServiceError(400, "'input' must be a string or an array of input items.", param="input")
+
+
+def relay_responses(request: Request, call: UpstreamCall, response: httpx2.Response, slot: Slot) -> RelayResponse:
+    """A streamed Responses API answer, relayed event by event."""
+    runtime, exchange = runtime_of(request), exchange_of(request)
+    framing = ResponsesFraming()
+
+    async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
+        _serving.set(call)
+        try:
+            async for events in iterate_in_threadpool(upstream_events(call, response, whole_events=True)):
+                deltas = framing.deltas
+                frames = framing.events(events)
+                if frames:
+                    await emit(frames)
+                    exchange.pieces_sent(framing.deltas - deltas)
+                if framing.failure is not None:
+                    raise framing.failure
+            if not framing.ended:
+                raise StreamFailure("upstream_error", "The upstream ended the stream before the response was finished.")
+        finally:
+            exchange.usage = framing.usage
+
+    return RelayResponse(runtime, exchange, framing, produce, [call], slot)
+
+
+@handle_errors
+async def responses(request: Request) -> Response:
+    """POST /v1/responses: OpenAI's Responses API, passed through."""
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    slot = admit(request)
+    try:
+        body = await read_json_object(request, settings)
+        check_input(body)
+        check_sampling(body)
+        body.setdefault("model", settings.model)
+        call, response = await call_upstream(request, body, open_responses)
+    except BaseException:
+        slot.release()
+        raise
+    if not body.get("stream"):
+        slot.release()
+        return Response(response.content, media_type="application/json")
+    return relay_responses(request, call, response, slot)
+
+
+@handle_errors
+async def response_resource(request: Request) -> Response:
+    """GET or DELETE /v1/responses/{id}, POST /v1/responses/{id}/cancel, GET
+    /v1/responses/{id}/input_items: passed through; GET with ?stream=true streams the response's
+    events again (from ?starting_after=N), as POST /v1/responses does."""
+    runtime = runtime_of(request)
+    slot = admit(request)
+    response_id = request.path_params["response_id"]
+    path = request.url.path.removeprefix("/v1")
+    stream = request.method == "GET" and not path.endswith("/input_items") and request.query_params.get("stream") == "true"
+    try:
+        call = UpstreamCall()
+        assert runtime.client is not None
+        opened = open_resource(runtime.client, call, request.method, path, request.query_params, stream)
+        response = await upstream_until_disconnect(request, call, opened)
+    except ServiceError as error:
+        slot.release()
+        if error.status == 404 and response_id not in error.message:  # not the upstream's "no such response"
+            raise _no_responses_api(error, f"{request.method} /v1{path}") from None
+        raise
+    except BaseException:
+        slot.release()
+        raise
+    if not stream:
+        slot.release()
+        return Response(response.content, media_type="application/json")
+    return relay_responses(request, call, response, slot)
+
+
+MODELS_CACHE_SECONDS = 10.0  # a UI that polls the model list must not poll the upstream
+MODELS_CACHE_ENTRIES = 256
+
+
+class ModelsCache:
+    """Recent upstream answers to GET /v1/models and /v1/models/{id}, by path, for a few seconds."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, bytes]] = {}
+
+    def get(self, path: str) -> bytes | None:
+        expires, body = self._entries.get(path, (0.0, b""))
+        return body if expires > time.monotonic() else None
+
+    def put(self, path: str, body: bytes) -> None:
+        if len(self._entries) >= MODELS_CACHE_ENTRIES:
+            self._entries.clear()  # many ids asked for: start over rather than grow
+        self._entries[path] = (time.monotonic() + MODELS_CACHE_SECONDS, body)
+
+
+@handle_errors
+async def models(request: Request) -> Response:
+    """GET /v1/models and /v1/models/{id}: the upstream's, cached briefly."""
+    runtime = runtime_of(request)
+    authenticate(request, runtime.settings)
+    path = request.url.path
+    cached = runtime.model_listings.get(path)
+    if cached is not None:
+        return Response(cached, media_type="application/json")
+    slot = admit(request)
+    try:
+        call = UpstreamCall()
+        client = runtime.client
+        assert client is not None
+        model = request.path_params.get("model")
+
+        def send() -> httpx2.Response:
+            if model is None:
+                return client.models.with_raw_response.list().http_response
+            return client.models.with_raw_response.retrieve(model).http_response
+
+        response = await upstream_until_disconnect(request, call, send_upstream(call, send, False))
+    finally:
+        slot.release()
+    runtime.model_listings.put(path, response.content)
+    return Response(response.content, media_type="application/json")
 
 
 GET_CHAT_PARAMETERS = {"q", "model", "max_tokens", "temperature"}
@@ -1505,7 +1749,15 @@ class DemoModel:
         self.seconds_per_word = seconds_per_word
         self._socket = socket.create_server(("127.0.0.1", 0))
         self.base_url = f"http://127.0.0.1:{self._socket.getsockname()[1]}/v1"
-        app = Starlette(routes=[Route("/v1/chat/completions", self.complete, methods=["POST"])])
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.complete, methods=["POST"]),
+                Route("/v1/responses", self.respond, methods=["POST"]),
+                Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.retrieve_model, methods=["GET"]),
+                Route("/v1/responses/{response_id}{action:path}", self.stored_response, methods=["GET", "POST", "DELETE"]),
+            ]
+        )
         self._server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve([self._socket])), name="demo-model", daemon=True)
 
@@ -1558,6 +1810,70 @@ class DemoModel:
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [DEMO_MODEL]})
+
+    async def retrieve_model(self, request: Request) -> Response:
+        if request.path_params["model"] != DEMO_MODEL["id"]:
+            error = ServiceError(404, f"The demo serves only the model 'demo', not {request.path_params['model']!r}.", code="model_not_found")
+            return error.response()
+        return JSONResponse(DEMO_MODEL)
+
+    async def stored_response(self, request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        message = f"Response with id '{response_id}' not found: the demo model stores no responses."
+        return ServiceError(404, message, code="not_found").response()
+
+    async def respond(self, request: Request) -> Response:
+        """The Responses API, with OpenAI's event sequence."""
+        body = await request.json()
+        model = body.get("model") or "demo"
+        given = body.get("input")
+        words = demo_words([{"role": "user", "content": given}] if isinstance(given, str) else given or [])
+        limit = body.get("max_output_tokens") or len(words)
+        status = "incomplete" if limit < len(words) else "completed"
+        words = words[:limit]
+        text = "".join(words)
+        response_id, item_id = f"resp_demo{uuid.uuid4().hex}", f"msg_demo{uuid.uuid4().hex}"
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": [part]}
+        usage = {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(words),
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 12 + len(words)}
+
+        def response(status: str, output: list[Any], usage: dict[str, Any] | None) -> dict[str, Any]:
+            incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+            return {"id": response_id, "object": "response", "created_at": int(time.time()), "status": status, "model": model,
+                    "output": output, "usage": usage, "incomplete_details": incomplete, "error": None,
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+
+        if not body.get("stream"):
+            return JSONResponse(response(status, [item], usage))
+        at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+        async def events() -> AsyncIterator[bytes]:
+            sequence = iter(range(1_000_000))
+
+            def event(kind: str, **fields: Any) -> bytes:
+                data = json.dumps({"type": kind, "sequence_number": next(sequence), **fields}, ensure_ascii=False)
+                return f"event: {kind}\ndata: {data}\n\n".encode()
+
+            yield event("response.created", response=response("in_progress", [], None))
+            yield event("response.in_progress", response=response("in_progress", [], None))
+            yield event("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []})
+            yield event("response.content_part.added", **at, part={**part, "text": ""})
+            for word in words:
+                await anyio.sleep(self.seconds_per_word)
+                yield event("response.output_text.delta", **at, delta=word)
+            yield event("response.output_text.done", **at, text=text)
+            yield event("response.content_part.done", **at, part=part)
+            yield event("response.output_item.done", output_index=0, item=item)
+            yield event(f"response.{status}", response=response(status, [item], usage))
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+DEMO_MODEL = {"id": "demo", "object": "model", "created": 1764547200, "owned_by": "streaming-relay (built-in demo, not a real model)"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1635,7 +1951,7 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST"],
+                allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=["Authorization", "Content-Type"],
                 expose_headers=["Retry-After"],
                 max_age=600,
@@ -1646,6 +1962,12 @@ def create_app(settings: Settings) -> Starlette:
         routes=[
             Route("/", index, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/responses/{response_id}", response_resource, methods=["GET", "DELETE"]),
+            Route("/v1/responses/{response_id}/cancel", response_resource, methods=["POST"]),
+            Route("/v1/responses/{response_id}/input_items", response_resource, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", models, methods=["GET"]),
             Route("/chat", chat, methods=["GET", "POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", handle_errors(metrics), methods=["GET"]),
