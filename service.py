@@ -696,21 +696,41 @@ class Framing:
         return None
 
 
-class OpenAIFraming(Framing):
-    """/v1/chat/completions: the upstream's events, byte for byte, as OpenAI's SSE."""
+class PassThroughFraming(Framing):
+    """The /v1 routes: the upstream's own events, relayed as they come."""
 
     media_type = "text/event-stream"
     heartbeat = b": ping\n\n"
+    whole_events = False  # whether events() takes whole events (with their `event:` lines) or data payloads
 
-    def __init__(self, transcript: Transcript | None) -> None:
-        self.transcript = transcript  # only to log the text (LOG_CONTENT=1)
+    def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None
         self.failure: StreamFailure | None = None
+        self.pieces = 0  # pieces of the answer in the frames so far, for the log and metrics
+
+    def events(self, payloads: list[bytes]) -> bytes:
+        """The frames for `payloads`; an event that cannot be passed on stops them and is kept as
+        `failure`, to be raised once the frames before it were sent."""
+        raise NotImplementedError
+
+    def unfinished(self) -> StreamFailure | None:
+        """Why a stream the upstream ended cleanly is still not a whole answer, if it is not."""
+        return None
+
+    def completion(self) -> str | None:
+        """The answer's text, for LOG_CONTENT=1."""
+        return None
+
+
+class OpenAIFraming(PassThroughFraming):
+    """/v1/chat/completions: the upstream's events, byte for byte, as OpenAI's SSE."""
+
+    def __init__(self, transcript: Transcript | None) -> None:
+        super().__init__()
+        self.transcript = transcript  # only to log the text (LOG_CONTENT=1)
         self.events_seen = 0  # [DONE] included
 
     def events(self, payloads: list[bytes]) -> bytes:
-        """The frames for `payloads`; an event that is not a chunk stops them and is kept as
-        `failure`, to be raised once the frames before it were sent."""
         frames = []
         self.events_seen += len(payloads)
         for payload in payloads:
@@ -729,7 +749,18 @@ class OpenAIFraming(Framing):
             frames.append(b"data: " + payload + b"\n\n")
         if self.transcript is not None:
             self.transcript.read(payloads)
+        self.pieces += len(frames)
         return b"".join(frames)
+
+    def unfinished(self) -> StreamFailure | None:
+        if not self.events_seen:
+            # Ended cleanly, but with no event at all: not an answer (a server that ignored
+            # "stream": true, say); [DONE] alone would tell the client it was one.
+            return StreamFailure("upstream_error", "The upstream's response held no events.")
+        return None
+
+    def completion(self) -> str | None:
+        return self.transcript and self.transcript.text
 
     def done(self) -> bytes:
         return b"data: [DONE]\n\n"
@@ -741,25 +772,21 @@ class OpenAIFraming(Framing):
 RESPONSE_ENDINGS = {b"response.completed", b"response.failed", b"response.incomplete"}
 
 
-class ResponsesFraming(Framing):
+class ResponsesFraming(PassThroughFraming):
     """/v1/responses: the upstream's events, `event:` and `data:` lines and sequence_numbers as
     they came. This API has no [DONE] (one an upstream sends is passed on); a stream ends with
-    response.completed, .failed or .incomplete, or with an `error` event."""
+    response.completed, .failed or .incomplete, or with an `error` event (the upstream's own, or
+    the service's, which then stops the stream). Pieces are the response.*.delta events."""
 
-    media_type = "text/event-stream"
-    heartbeat = b": ping\n\n"
+    whole_events = True
 
     def __init__(self) -> None:
-        self.usage: dict[str, Any] | None = None
-        self.failure: StreamFailure | None = None
+        super().__init__()
         self.ended = False
-        self.deltas = 0  # response.*.delta events sent
         self._last_sequence_number = -1
         self._upstream_error: bytes | None = None  # the upstream's own error event, passed on as it is
 
     def events(self, events: list[bytes]) -> bytes:
-        """The frames for `events`; one that is not a Responses event, or an `error` event, stops
-        them and is kept as `failure`, to be raised once the frames before it were sent."""
         frames = []
         for event in events:
             data = b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
@@ -777,7 +804,7 @@ class ResponsesFraming(Framing):
                     self._upstream_error = event + b"\n\n"
                     break
                 if kind.endswith(b".delta"):
-                    self.deltas += 1
+                    self.pieces += 1
                 if kind in RESPONSE_ENDINGS:
                     self.ended = True
                     usage = (parsed.get("response") or {}).get("usage")
@@ -786,6 +813,11 @@ class ResponsesFraming(Framing):
                                       "total_tokens": usage.get("total_tokens")}
             frames.append(event + b"\n\n")
         return b"".join(frames)
+
+    def unfinished(self) -> StreamFailure | None:
+        if not self.ended:
+            return StreamFailure("upstream_error", "The upstream ended the stream before the response was finished.")
+        return None
 
     def error_frame(self, failure: StreamFailure) -> bytes:
         if failure is self.failure and self._upstream_error is not None:
@@ -1404,25 +1436,31 @@ async def chat_completions(request: Request) -> Response:
             exchange.completion = response.text
         return Response(response.content, media_type="application/json")
 
-    framing = OpenAIFraming(Transcript() if settings.log_content else None)
+    return relay_pass_through(request, call, response, OpenAIFraming(Transcript() if settings.log_content else None), slot)
+
+
+def relay_pass_through(request: Request, call: UpstreamCall, response: httpx2.Response, framing: PassThroughFraming, slot: Slot) -> RelayResponse:
+    """A /v1 stream: the upstream's events, each network read's worth sent the moment it arrived."""
+    runtime, exchange = runtime_of(request), exchange_of(request)
 
     async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
         _serving.set(call)
         try:
-            async for payloads in iterate_in_threadpool(upstream_events(call, response)):
+            async for payloads in iterate_in_threadpool(upstream_events(call, response, framing.whole_events)):
+                pieces = framing.pieces
                 frames = framing.events(payloads)
                 if frames:
                     await emit(frames)
-                    exchange.pieces_sent(frames.count(b"data: "))
+                    if framing.pieces > pieces:
+                        exchange.pieces_sent(framing.pieces - pieces)
                 if framing.failure is not None:
                     raise framing.failure
-            if not framing.events_seen:
-                # Ended cleanly, but with no event at all: not an answer (a server that ignored
-                # "stream": true, say); [DONE] alone would tell the client it was one.
-                raise StreamFailure("upstream_error", "The upstream's response held no events.")
+            unfinished = framing.unfinished()
+            if unfinished is not None:
+                raise unfinished
         finally:
             exchange.usage = framing.usage
-            exchange.completion = framing.transcript and framing.transcript.text
+            exchange.completion = framing.completion()
 
     return RelayResponse(runtime, exchange, framing, produce, [call], slot)
 
@@ -1434,30 +1472,6 @@ def check_input(body: Mapping[str, Any]) -> None:
         return
     if not isinstance(body.get("input"), (str, list)):
         raise ServiceError(400, "'input' must be a string or an array of input items.", param="input")
-
-
-def relay_responses(request: Request, call: UpstreamCall, response: httpx2.Response, slot: Slot) -> RelayResponse:
-    """A streamed Responses API answer, relayed event by event."""
-    runtime, exchange = runtime_of(request), exchange_of(request)
-    framing = ResponsesFraming()
-
-    async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
-        _serving.set(call)
-        try:
-            async for events in iterate_in_threadpool(upstream_events(call, response, whole_events=True)):
-                deltas = framing.deltas
-                frames = framing.events(events)
-                if frames:
-                    await emit(frames)
-                    exchange.pieces_sent(framing.deltas - deltas)
-                if framing.failure is not None:
-                    raise framing.failure
-            if not framing.ended:
-                raise StreamFailure("upstream_error", "The upstream ended the stream before the response was finished.")
-        finally:
-            exchange.usage = framing.usage
-
-    return RelayResponse(runtime, exchange, framing, produce, [call], slot)
 
 
 @handle_errors
@@ -1478,7 +1492,7 @@ async def responses(request: Request) -> Response:
     if not body.get("stream"):
         slot.release()
         return Response(response.content, media_type="application/json")
-    return relay_responses(request, call, response, slot)
+    return relay_pass_through(request, call, response, ResponsesFraming(), slot)
 
 
 @handle_errors
@@ -1507,7 +1521,7 @@ async def response_resource(request: Request) -> Response:
     if not stream:
         slot.release()
         return Response(response.content, media_type="application/json")
-    return relay_responses(request, call, response, slot)
+    return relay_pass_through(request, call, response, ResponsesFraming(), slot)
 
 
 MODELS_CACHE_SECONDS = 10.0  # a UI that polls the model list must not poll the upstream

@@ -6,6 +6,7 @@ client that leaves closes the upstream call."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,26 +17,19 @@ import pytest
 
 from conftest import AUTH, KEY, Service, launch, upstream_env
 from sse import sse_events, whole_sse_events
+from test_streaming import PIECES, WHOLE, assert_still_held, held_reply
 from upstream import RESPONSES_ERROR_MESSAGE, RESPONSES_STREAMS_DIR, FakeUpstream, Reply
 
-PIECES = ["The first", " piece", " and", " the", " rest", "."]
-WHOLE = "".join(PIECES)
 FIRST_DELTA = 4  # response.created, .in_progress, .output_item.added, .content_part.added come first
 
 
-def sdk(service: Service, **options: object) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{service.base_url}/v1", api_key=KEY, max_retries=0, timeout=10, **options)  # type: ignore[arg-type]
+_clients: dict[str, openai.OpenAI] = {}  # one each: a new client costs ~0.1 s of CPU
 
 
-def held_reply(**options: object) -> tuple[Reply, threading.Event]:
-    """A reply that sends its events up to the first delta, then waits for the test."""
-    release = threading.Event()
-    return Reply(pieces=PIECES, gates={1: release}, **options), release
-
-
-def assert_still_held(fake: FakeUpstream, release: threading.Event) -> None:
-    assert not release.is_set()
-    assert fake.requests[-1].pieces_sent == 1, "the upstream sent more than the first delta"
+def sdk(service: Service) -> openai.OpenAI:
+    if service.base_url not in _clients:
+        _clients[service.base_url] = openai.OpenAI(base_url=f"{service.base_url}/v1", api_key=KEY, max_retries=0, timeout=10)
+    return _clients[service.base_url]
 
 
 # -- /v1/models ---------------------------------------------------------------------------------------
@@ -275,6 +269,26 @@ def test_retries_happen_before_the_first_byte_only(fake: FakeUpstream, slow_serv
     fake.expect(Reply(pieces=PIECES, drop_after=2), Reply())
     events = list(sdk(slow_service).responses.create(model="fake-model", input="hi", stream=True))
     assert events[-1].type == "error" and len(fake.requests) == 1
+
+
+def test_capacity_and_shutdown_are_those_of_chat_completions(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
+    """With MAX_STREAMS=1 a second stream is refused with 503 at once; on SIGTERM an open stream
+    gets SHUTDOWN_GRACE_SECONDS and then ends with this API's error event, code `shutdown`."""
+    running = start_service(upstream_env(fake, MAX_STREAMS="1", SHUTDOWN_GRACE_SECONDS="0.2"))
+    reply, release = held_reply()
+    fake.expect(reply)
+    with httpx.stream("POST", f"{running.base_url}/v1/responses", json={"input": "hi", "stream": True}, headers=AUTH, timeout=10) as response:
+        lines = response.iter_lines()
+        assert "response.output_text.delta" in (name for name, _ in sse_events(lines))
+        refused = httpx.post(f"{running.base_url}/v1/responses", json={"input": "hi"}, headers=AUTH, timeout=10)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "capacity_exceeded"
+        running.process.send_signal(signal.SIGTERM)
+        rest = list(sse_events(lines))
+    assert rest[-1][0] == "error" and json.loads(rest[-1][1])["code"] == "shutdown"
+    assert fake.requests[0].closed.wait(5) and not fake.requests[0].finished
+    assert running.process.wait(10) == 0
+    release.set()
 
 
 # -- the client leaves ------------------------------------------------------------------------------------
