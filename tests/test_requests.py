@@ -343,7 +343,7 @@ def test_get_chat_empty_model_is_400(http: httpx.Client) -> None:
 # -- routes --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("POST", "/v1/completions"), ("GET", "/v1/models")])
+@pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("POST", "/v1/completions"), ("GET", "/v1/embeddings")])
 def test_unknown_path_is_404_json(http: httpx.Client, method: str, path: str) -> None:
     assert_error(http.request(method, path, json={"message": "hi"}), 404, mentions=path.rstrip("/"))
 
