@@ -593,6 +593,8 @@ def _sum_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> di
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
         if isinstance(usage.get(name), int):
             summed[name] = int(summed.get(name) or 0) + usage[name]
+    if usage.get("estimated"):
+        summed["estimated"] = True
     return summed
 
 
@@ -613,7 +615,12 @@ def _join(before: str, after: str) -> str:
 @dataclass
 class Transcript:
     """What the upstream said for one /chat answer, over all its rounds: the text of choice 0,
-    how the last round ended, and the usage of every round summed."""
+    how the last round ended, and the usage of every round summed.
+
+    A round the upstream sent no usage for (llama.cpp ignores include_usage, and no upstream sends
+    it for an answer that ended early: client gone, failure, shutdown) counts the pieces it relayed
+    as its completion tokens, marked `"estimated": true`, so an operator can still tell what an
+    answer cost. Usage from the upstream always wins."""
 
     text: str = ""
     finish_reason: str | None = None
@@ -623,6 +630,7 @@ class Transcript:
     continuations: int = 0
     failure: StreamFailure | None = None
     _round_usage: dict[str, Any] | None = None
+    _round_pieces: int = 0
     _seam: str | None = None  # a continuation's first text, held until the join is clear
 
     def read(self, payloads: list[bytes]) -> list[str]:
@@ -647,6 +655,7 @@ class Transcript:
                 delta = choice.get("delta") or {}
                 if isinstance(delta.get("content"), str) and delta["content"]:
                     texts.append(delta["content"])
+                    self._round_pieces += 1
                 if isinstance(delta.get("refusal"), str):
                     self.refusal += delta["refusal"]
                 if choice.get("finish_reason"):
@@ -661,8 +670,9 @@ class Transcript:
 
     def end_round(self) -> list[str]:
         """Close the round: count its usage, and release text still held at a seam."""
-        self.usage = _sum_usage(self.usage, self._round_usage)
-        self._round_usage = None
+        relayed = {"completion_tokens": self._round_pieces, "estimated": True}
+        self.usage = _sum_usage(self.usage, relayed if self._round_usage is None else self._round_usage)
+        self._round_usage, self._round_pieces = None, 0
         if self._seam is None:
             return []
         rest, self._seam = _join(self.text, self._seam), None
@@ -915,6 +925,10 @@ class Metrics:
             buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320, 640), registry=registry,
         )
         self.tokens = prometheus_client.Counter("relay_tokens_streamed", "Pieces of answers sent to clients.", ["route"], registry=registry)
+        self.completion_tokens = prometheus_client.Counter(
+            "relay_completion_tokens", "Completion tokens of answers: the upstream's usage, or the pieces relayed (estimated).",
+            ["route", "estimated"], registry=registry,
+        )
         self.upstream_errors = prometheus_client.Counter("relay_upstream_errors", "Upstream failures by kind.", ["kind"], registry=registry)
         self.rejected = prometheus_client.Counter(
             "relay_rejected_for_capacity", "Requests refused because MAX_STREAMS were open.", registry=registry
@@ -954,6 +968,8 @@ class Exchange:
         ended = time.monotonic()
         outcome = self.outcome or self._outcome_from_status()
         route = self.path if self.path in ROUTES_MEASURED else "other"
+        completion_tokens = (self.usage or {}).get("completion_tokens")
+        estimated = bool((self.usage or {}).get("estimated"))
         line: dict[str, Any] = {
             "request_id": self.request_id,
             "method": self.method,
@@ -963,13 +979,16 @@ class Exchange:
             "model": self.model,
             "ttft_ms": None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000, 1),
             "chunks": self.chunks,
-            "completion_tokens": (self.usage or {}).get("completion_tokens"),
+            "completion_tokens": completion_tokens,
+            "estimated": estimated,
             "duration_ms": round((ended - self.started) * 1000, 1),
         }
         if settings.log_content:
             line["prompt"], line["completion"] = self.prompt, self.completion
         requests_log.info(json.dumps(line, ensure_ascii=False))
         metrics.requests.labels(route, str(self.status), outcome).inc()
+        if isinstance(completion_tokens, int) and completion_tokens > 0:
+            metrics.completion_tokens.labels(route, str(estimated).lower()).inc(completion_tokens)
         if self.chunks:
             metrics.tokens.labels(route).inc(self.chunks)
             metrics.stream_duration.labels(route).observe(ended - self.started)
