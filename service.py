@@ -7,13 +7,14 @@ Around that shape: a client that leaves closes the upstream at once, a full serv
 of queueing in silence, SSE heartbeats keep proxies from dropping quiet streams, and a deploy ends
 open streams with an explicit signal rather than a cut-off sentence.
 
-The module reads top to bottom: configuration, upstream adapter, framing, relay, routes, demo model,
-app. Run it with `python service.py` (settings from the environment; see README.md).
+The module reads top to bottom: configuration, upstream adapter, framing, observability, load
+shedding, relay, routes, demo model, app. Run it with `python service.py` (settings from the environment; see README.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import json
@@ -77,6 +78,7 @@ class Settings:
     port: int = 8000
     workers: int = 1
     max_streams: int = 500
+    shed_lag_seconds: float = 0.02
     heartbeat_seconds: float = 15.0
     shutdown_grace_seconds: float = 20.0
     connect_timeout: float = 10.0
@@ -142,6 +144,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         port=number("PORT", 8000, 0, 65535, int),
         workers=number("WEB_CONCURRENCY", 1, 1, 64, int),
         max_streams=number("MAX_STREAMS", 500, 1, 100_000, int),
+        shed_lag_seconds=number("SHED_LAG_MS", 20.0, 0, 60_000) / 1000,
         heartbeat_seconds=number("HEARTBEAT_SECONDS", 15.0, 0.01, 3600),
         shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", 20.0, 0, 3600),
         connect_timeout=number("UPSTREAM_CONNECT_TIMEOUT", 10.0, 0.01, 600),
@@ -232,6 +235,18 @@ class UpstreamCall:
     def __init__(self) -> None:
         self.aborted = False
         self._stream: _InterruptibleStream | None = None
+        self.unsent_since = 0.0  # when the oldest read not yet written to the client returned
+        self.thread_wait = 0.0  # seconds the call's first step waited for a worker thread
+
+    def arrived(self) -> None:
+        """Called in the worker thread after each read that returned data."""
+        if not self.unsent_since:
+            self.unsent_since = time.monotonic()
+
+    def waited(self, now: float) -> float:
+        """How long what arrived waited to be written, at `now` when it is; 0 if nothing had."""
+        since, self.unsent_since = self.unsent_since, 0.0
+        return now - since if since else 0.0
 
     def attach(self, stream: _InterruptibleStream) -> None:
         """Called in the worker thread before each blocking read or write on `stream`."""
@@ -288,6 +303,8 @@ class _InterruptibleStream(httpcore2.NetworkStream):
         try:
             data = self._inner.read(max_bytes, timeout)
             self._reads, self._last_read = self._reads + 1, len(data)
+            if data and call is not None:
+                call.arrived()
         except httpcore2.ReadError:
             if call is not None and call.aborted:
                 raise ClientGone("the client went away") from None
@@ -350,10 +367,17 @@ def make_openai_client(settings: Settings, base_url: str | None) -> openai.OpenA
 
 
 async def in_worker_thread(call: UpstreamCall, function: Callable[[], T]) -> T:
-    """Run `function` in a worker thread whose socket I/O `call.abort()` can interrupt."""
+    """Run `function` in a worker thread whose socket I/O `call.abort()` can interrupt. The
+    wait for the thread to start it is kept in `call.thread_wait`."""
+    submitted = time.monotonic()
+
+    def timed() -> T:
+        call.thread_wait = time.monotonic() - submitted
+        return function()
+
     token = _serving.set(call)
     try:
-        return await anyio.to_thread.run_sync(function)
+        return await anyio.to_thread.run_sync(timed)
     finally:
         _serving.reset(token)
 
@@ -933,6 +957,9 @@ class Metrics:
         self.rejected = prometheus_client.Counter(
             "relay_rejected_for_capacity", "Requests refused because MAX_STREAMS were open.", registry=registry
         )
+        self.shed = prometheus_client.Counter(
+            "relay_shed", "New streams refused because the service could not have relayed them on time.", registry=registry
+        )
 
     def exposition(self) -> bytes:
         registry = self.registry
@@ -1042,6 +1069,127 @@ class RequestLog:
 
 
 # ------------------------------------------------------------------------------------------------
+# Load shedding: past what one process can relay on time, new streams are refused at once.
+#
+# Every piece of every answer passes through this process's event loop and its GIL, so when the
+# process has more to do than its core allows, each stream it relays is late by as much, and
+# queueing more streams only makes all of them later. So the process measures how late it runs:
+# a probe that asks the loop to wake every 10 ms, the wait of each arrived piece until it is
+# written, and a new stream's wait for a worker thread (the probe alone misses a loop that keeps
+# its timers but has a queue of I/O behind them). While that lateness exceeds SHED_LAG_MS, new
+# streams get 503 + Retry-After at once (the OpenAI SDKs retry by themselves, a load balancer
+# sends the retry to another replica); streams already admitted are never cut. A short spell of
+# lateness is a burst being set up and passes; refusing while it lasts admits the burst at the
+# rate the process sets streams up. Lateness that lasts means the open streams are too many, and
+# teaches a limit on them, as Netflix's AIMD limiter or a TCP congestion window learns: 90 % of the
+# streams open then, raised a little at a time while the process keeps time and the limit is what
+# refuses, so that a steady overload meets a steady count, not waves of admissions. MAX_STREAMS
+# stays the hard cap above it.
+# ------------------------------------------------------------------------------------------------
+
+PROBE_SECONDS = 0.01
+LIMIT_CUT = 0.9  # of the open streams, when the loop runs late
+LIMIT_GROWTH = 0.05  # of the limit per second, plus one stream, while it keeps time
+SUSTAINED_SECONDS = 0.25  # of lateness, before the limit is cut
+LIMIT_FLOOR = 10  # fewer open streams do not make the loop late: something else did, and passes
+
+
+class LoadShedder:
+    """Measures how late the event loop runs, and decides on it whether a new stream may start."""
+
+    def __init__(self, bound: float, max_streams: int) -> None:
+        self.bound = bound  # seconds; 0 turns shedding off
+        self.max_streams = max_streams
+        self.limit = float(max_streams)
+        self.lag = 0.0  # seconds, smoothed over the last few probes
+        self.lagging = False
+        self.lagging_for = 0.0  # seconds
+        self._due = math.inf  # when the probe asked to wake next
+        self._longest_wait = 0.0  # of a piece of an answer since the last probe
+
+    async def run(self, open_streams: Callable[[], int]) -> None:
+        """The probe: runs on the event loop for the life of the app."""
+        if not self.bound:
+            return
+        while True:
+            # Not loop.time(): uvloop's clock is read before the loop waits for the GIL, which
+            # is where a process busy in its worker threads makes the loop late.
+            asked = time.monotonic()
+            self._due = asked + PROBE_SECONDS
+            await asyncio.sleep(PROBE_SECONDS)
+            now = time.monotonic()
+            late, self._longest_wait = max(now - self._due, self._longest_wait), 0.0
+            self._observe(late, now - asked, open_streams())
+
+    def waited(self, seconds: float) -> None:
+        """Work that was ready waited `seconds` for this process: a piece of an answer from its
+        arrival to its writing, or a new stream for a worker thread."""
+        if seconds > self._longest_wait:
+            self._longest_wait = seconds
+
+    def _observe(self, late: float, elapsed: float, open_streams: int) -> None:
+        # Quick to rise, slower to fall: one late wake-up (a descheduled process) does not shed,
+        # two do; recovery is believed over about ten probes.
+        self.lag += (late - self.lag) * (0.5 if late > self.lag else 0.2)
+        if self.lag > self.bound:
+            self.lagging = True
+            self.lagging_for += elapsed
+            # A short spell is a burst being set up, and passes once the refusals stop it; a
+            # lasting one means the open streams themselves are more than the process relays.
+            if self.lagging_for >= SUSTAINED_SECONDS and open_streams > LIMIT_FLOOR:
+                self.limit = max(float(LIMIT_FLOOR), min(self.limit, open_streams * LIMIT_CUT))
+        elif self.lag < self.bound / 2:
+            self.lagging, self.lagging_for = False, 0.0
+            if open_streams >= self.limit - 1:  # only a limit in use grows
+                self.limit = min(float(self.max_streams), self.limit + (self.limit * LIMIT_GROWTH + 1) * elapsed)
+
+    def admits(self, open_streams: int) -> bool:
+        """Whether a new stream may start now. Cheap: called on the event loop for each request,
+        before its body is read."""
+        if not self.bound:
+            return True
+        late_now = time.monotonic() - self._due  # the probe itself is overdue
+        learnt_limit = self.limit < self.max_streams  # at MAX_STREAMS, the hard cap answers itself
+        return not (self.lagging or late_now > self.bound or (learnt_limit and open_streams >= self.limit))
+
+    def refuse(self, metrics: Metrics) -> ServiceError:
+        metrics.shed.inc()
+        return ServiceError(
+            503,
+            "The service is relaying as many streams as it can keep on time; retry shortly.",
+            "server_busy",
+            "server_busy",
+            headers={"Retry-After": "1"},
+        )
+
+    def report(self, open_streams: int) -> dict[str, Any]:
+        return {
+            "shedding": not self.admits(open_streams),
+            "event_loop_lag_ms": round(self.lag * 1000, 1),
+            "stream_limit": int(self.limit),
+        }
+
+
+THREADS_READY = 32  # idle worker threads kept ready for new streams
+THREADS_REFRESH_SECONDS = 5  # anyio retires a thread idle for 10 s
+GC_THRESHOLD = 20_000  # allocations between young-generation collections (Python's default: 700)
+
+
+async def keep_worker_threads_ready() -> None:
+    """Keep THREADS_READY worker threads started and idle, so that a burst of new streams does not
+    also pay for starting threads (anyio starts one whenever none is idle, and retires idle ones)."""
+
+    async def nothing() -> None:
+        await anyio.to_thread.run_sync(lambda: None)
+
+    while True:
+        async with anyio.create_task_group() as tasks:
+            for _ in range(THREADS_READY):
+                tasks.start_soon(nothing)
+        await anyio.sleep(THREADS_REFRESH_SECONDS)
+
+
+# ------------------------------------------------------------------------------------------------
 # Relay: one streaming response, from the first upstream byte to the last client byte.
 # ------------------------------------------------------------------------------------------------
 
@@ -1054,6 +1202,7 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     client: openai.OpenAI | None = None
     streams: anyio.CapacityLimiter | None = None
+    shedder: LoadShedder | None = None
     shutting_down: anyio.Event | None = None
     demo: DemoModel | None = None
     model_listings: ModelsCache = field(default_factory=lambda: ModelsCache())
@@ -1126,8 +1275,12 @@ class RelayResponse(StreamingResponse):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         self.last_sent = time.monotonic()
 
+        shedder = self.runtime.shedder
+        assert shedder is not None
+
         async def emit(frame: bytes) -> None:
-            self.last_sent = time.monotonic()
+            self.last_sent = now = time.monotonic()
+            shedder.waited(self.calls[-1].waited(now))
             await send({"type": "http.response.body", "body": frame, "more_body": True})
 
         ending: StreamFailure | None = None
@@ -1405,8 +1558,11 @@ async def call_upstream(request: Request, body: dict[str, Any], open: Opener = o
     exchange.model = body["model"]
     exchange.prompt = body.get("messages", body.get("input")) if runtime.settings.log_content else None
     call = UpstreamCall()
-    assert runtime.client is not None
-    return call, await upstream_until_disconnect(request, call, open(runtime.client, call, body))
+    assert runtime.client is not None and runtime.shedder is not None
+    try:
+        return call, await upstream_until_disconnect(request, call, open(runtime.client, call, body))
+    finally:
+        runtime.shedder.waited(call.thread_wait)
 
 
 def admit(request: Request) -> Slot:
@@ -1415,6 +1571,9 @@ def admit(request: Request) -> Slot:
     assert runtime.streams is not None and runtime.shutting_down is not None
     if runtime.shutting_down.is_set():
         raise ServiceError(503, "The service is shutting down; retry shortly.", "server_busy", "shutting_down", headers={"Retry-After": "1"})
+    assert runtime.shedder is not None
+    if not runtime.shedder.admits(int(runtime.streams.borrowed_tokens)):
+        raise runtime.shedder.refuse(runtime.metrics)
     return Slot(runtime.streams, runtime.metrics)
 
 
@@ -1685,7 +1844,7 @@ async def chat(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     runtime = runtime_of(request)
     settings = runtime.settings
-    assert runtime.streams is not None
+    assert runtime.streams is not None and runtime.shedder is not None
     return JSONResponse(
         {
             "status": "ok",
@@ -1693,6 +1852,7 @@ async def healthz(request: Request) -> Response:
             "model": settings.model,
             "active_streams": int(runtime.streams.borrowed_tokens),
             "max_streams": settings.max_streams,
+            **runtime.shedder.report(int(runtime.streams.borrowed_tokens)),
         }
     )
 
@@ -1962,7 +2122,8 @@ def create_app(settings: Settings) -> Starlette:
         # Each open stream keeps a worker thread waiting on the upstream; anyio's default 40 would
         # make the 41st stream (and every other thread-using route) wait in silence.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.max_streams + 40
-        runtime.streams = anyio.CapacityLimiter(settings.max_streams)
+        streams = runtime.streams = anyio.CapacityLimiter(settings.max_streams)
+        runtime.shedder = LoadShedder(settings.shed_lag_seconds, settings.max_streams)
         runtime.shutting_down = anyio.Event()
         notice_shutdown_signals(runtime.shutting_down.set)
         configure_logging(settings)
@@ -1970,9 +2131,20 @@ def create_app(settings: Settings) -> Starlette:
             runtime.demo = DemoModel(settings.demo_seconds_per_word).start()
             log.warning("No OPENAI_API_KEY or OPENAI_BASE_URL: answering from the built-in DEMO model (not a real model).")
         runtime.client = make_openai_client(settings, runtime.demo.base_url if runtime.demo else settings.openai_base_url)
+        # Everything built so far lives as long as the process: the cyclic collector need not walk
+        # it again, and with a higher first threshold it runs less often under per-token garbage.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+        background = [
+            asyncio.ensure_future(runtime.shedder.run(lambda: int(streams.borrowed_tokens))),
+            asyncio.ensure_future(keep_worker_threads_ready()),
+        ]
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
             runtime.client.close()
             if runtime.demo is not None:
                 runtime.demo.stop()

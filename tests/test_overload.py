@@ -1,0 +1,108 @@
+"""Past what one process relays on time, new streams are refused at once and admitted ones go on.
+
+The service is made late on purpose, the way an overloaded process is: it is stopped (SIGSTOP)
+for longer than its bound while a new request waits in its socket, then continued. Its event loop
+then finds itself late, refuses that request with 503 at once, without calling the upstream, and
+keeps relaying the stream it had admitted; once it has kept time again it admits new streams."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from conftest import AUTH, Service, upstream_env, wait_until
+from test_lifecycle import COMPLETIONS, open_raw_stream, read_until
+from upstream import FakeUpstream, Reply
+
+BOUND_MS = "200"
+STOPPED_SECONDS = 1.0  # five times the bound
+
+
+@contextmanager
+def held_late(service: Service) -> Iterator[None]:
+    """Stop the service's process for STOPPED_SECONDS (the body runs meanwhile, to send it
+    requests), as a machine with too much to do would hold it back; then let it go on."""
+    service.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        yield
+        time.sleep(max(0.0, STOPPED_SECONDS - (time.monotonic() - started)))
+    finally:
+        service.process.send_signal(signal.SIGCONT)
+
+
+def test_a_late_worker_refuses_new_streams_at_once_and_keeps_relaying(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
+    service = start_service(upstream_env(fake, SHED_LAG_MS=BOUND_MS))
+    rest = threading.Event()
+    fake.expect(Reply(pieces=["first", " second"], gates={1: rest}))
+    admitted = open_raw_stream(service, *COMPLETIONS)
+    read_until(admitted, b"first")
+    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+        assert http.get("/healthz").json()["shedding"] is False
+
+        refused: dict[str, object] = {}
+
+        def ask() -> None:
+            response = http.post("/v1/chat/completions", json=COMPLETIONS[1])
+            refused.update(status=response.status_code, headers=response.headers, body=response.json(), at=time.monotonic())
+
+        asking = threading.Thread(target=ask)
+        with held_late(service):
+            asking.start()  # the request waits in the stopped process's socket
+        continued = time.monotonic()
+        asking.join(timeout=10)
+        assert refused["status"] == 503
+        assert float(refused["at"]) - continued < 1.0  # answered at once, not after a queue  # type: ignore[arg-type]
+        assert refused["headers"]["retry-after"] == "1"  # type: ignore[index]
+        error = refused["body"]["error"]  # type: ignore[index]
+        assert error["code"] == "server_busy" and error["type"] == "server_busy" and error["message"]
+        assert len(fake.requests) == 1  # the refused request never reached the upstream
+
+        # The admitted stream was not cut: the rest of its answer arrives, and it ends cleanly.
+        rest.set()
+        tail = read_until(admitted, b"data: [DONE]")
+        assert b"second" in tail
+        admitted.close()
+
+        # Once the loop keeps time again, new streams are admitted.
+        wait_until(lambda: http.get("/healthz").json()["shedding"] is False, timeout=10)
+        fake.expect(Reply(pieces=["again"]))
+        again = http.post("/v1/chat/completions", json=COMPLETIONS[1])
+        assert again.status_code == 200 and "again" in again.text
+
+
+def test_healthz_reports_shedding_while_the_worker_is_late(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
+    service = start_service(upstream_env(fake, SHED_LAG_MS=BOUND_MS))
+    with httpx.Client(base_url=service.base_url, timeout=10) as http:
+        calm = http.get("/healthz").json()
+        assert calm["shedding"] is False and calm["stream_limit"] == calm["max_streams"]
+        reports: list[dict[str, object]] = []
+        asking = threading.Thread(target=lambda: reports.append(http.get("/healthz").json()))
+        with held_late(service):
+            asking.start()
+        asking.join(timeout=10)
+        assert reports and reports[0]["shedding"] is True
+        assert float(reports[0]["event_loop_lag_ms"]) > float(BOUND_MS)  # type: ignore[arg-type]
+        wait_until(lambda: http.get("/healthz").json()["shedding"] is False, timeout=10)
+
+
+def test_without_a_bound_a_late_worker_still_admits(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
+    service = start_service(upstream_env(fake, SHED_LAG_MS="0"))
+    fake.expect(Reply(pieces=["admitted"]))
+    answers: list[httpx.Response] = []
+
+    def ask() -> None:
+        with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+            answers.append(http.post("/v1/chat/completions", json=COMPLETIONS[1]))
+
+    asking = threading.Thread(target=ask)
+    with held_late(service):
+        asking.start()
+    asking.join(timeout=10)
+    assert answers and answers[0].status_code == 200 and "admitted" in answers[0].text
+    assert httpx.get(f"{service.base_url}/healthz").json()["shedding"] is False
