@@ -85,6 +85,7 @@ class Stream(asyncio.Protocol):
     first_byte: int | None = None
     first_token: int | None = None
     status: int = 0
+    head: bytes = b""  # the response head, without its final blank line
     saw_done: bool = False
     complete: bool = False
     cut: bool = False  # closed by us at the end of the window
@@ -111,7 +112,7 @@ class Stream(asyncio.Protocol):
             if end < 0:
                 return
             self.status = int(self._head[9:12])
-            data, self._head = self._head[end + 4 :], b""
+            self.head, data, self._head = self._head[:end], self._head[end + 4 :], b""
             if self.status != 200:
                 self.finish(f"HTTP {self.status}")
                 return
@@ -204,6 +205,65 @@ class Load:
             stream.finish(None)
 
 
+class Burst:
+    """Open loop: `streams` requests, started evenly over `ramp` seconds, each tried once; the
+    service may refuse some (503). Ends when every stream has ended, or at `deadline`."""
+
+    def __init__(self, spec: dict[str, Any], start: float) -> None:
+        self.spec, self.start = spec, start
+        self.request = request_bytes(spec)
+        self.streams: list[Stream] = []
+
+    async def run(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        users = self.spec["streams"]
+        tasks = [asyncio.ensure_future(self.one(self.start + self.spec["ramp"] * user / users)) for user in range(users)]
+        await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+        for stream in self.streams:
+            if not stream.done.done():
+                stream.cut = True
+                stream.finish("not finished by the deadline")
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def one(self, at: float) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(at - loop.time())
+        stream = Stream(self.request, time.monotonic_ns(), loop.create_future())
+        self.streams.append(stream)
+        try:
+            connecting = loop.create_connection(lambda: stream, "127.0.0.1", self.spec["port"])
+            await asyncio.wait_for(connecting, CONNECT_SECONDS)
+        except (OSError, asyncio.TimeoutError) as error:
+            stream.finish(f"connect failed: {error!r}")
+        await stream.done
+
+
+def summarize_burst(streams: list[Stream]) -> dict[str, Any]:
+    """Admitted (200) and refused (503) streams, each measured from the start of connecting."""
+    admitted = [s for s in streams if s.status == 200]
+    refused = [s for s in streams if s.status == 503]
+    others: dict[str, int] = {}
+    for s in streams:
+        if s.status not in (200, 503):
+            reason = s.error or f"HTTP {s.status}"
+            others[reason] = others.get(reason, 0) + 1
+    latencies = [lat for s in admitted for lat in s.latencies]
+    return {
+        "offered": len(streams),
+        "admitted": len(admitted),
+        "admitted_completed": sum(1 for s in admitted if s.complete and s.error is None),
+        "admitted_failures": sorted({s.error for s in admitted if s.error is not None}),
+        "refused": len(refused),
+        "refused_with_retry_after": sum(1 for s in refused if re.search(rb"(?i)\r\nretry-after: *\d", s.head)),
+        "other_failures": others,
+        "tokens": len(latencies),
+        "latency_us": percentiles(latencies),
+        "ttfb_us": percentiles([s.first_byte - s.started for s in admitted if s.first_byte is not None]),
+        "ttft_us": percentiles([s.first_token - s.started for s in admitted if s.first_token is not None]),
+        "refusal_us": percentiles([s.first_byte - s.started for s in refused if s.first_byte is not None]),
+    }
+
+
 @dataclass
 class Monitor:
     """What the window costs the machine, and /healthz probes and VmRSS samples of the service."""
@@ -214,8 +274,10 @@ class Monitor:
     health_failures: int = 0
     rss_peak: int = 0
     cpu: dict[str, float] = field(default_factory=dict)
+    stop: float = math.inf  # may be brought forward while it runs
 
     async def run(self, start: float, stop: float) -> None:
+        self.stop = stop
         loop = asyncio.get_running_loop()
         service = self.pids.get("service")
         connection = await asyncio.open_connection("127.0.0.1", self.health_port) if self.health_port else None
@@ -223,13 +285,13 @@ class Monitor:
         before = self._cpu()
         tick = start
         try:
-            while loop.time() < stop:
+            while loop.time() < self.stop:
                 if service is not None:
                     self.rss_peak = max(self.rss_peak, rss_kib(service))
                 if connection is not None:
                     connection = await self._probe(*connection)
                 tick += PROBE_SECONDS
-                await asyncio.sleep(min(tick, stop) - loop.time())
+                await asyncio.sleep(min(tick, self.stop) - loop.time())
             after = self._cpu()
             self.cpu = {name: after[name] - before[name] for name in before}
             # Whatever else ran on the machine meanwhile: more than a little makes the figures suspect.
@@ -285,7 +347,33 @@ def summarize(streams: list[Stream], start: float, stop: float, grace: float) ->
     }
 
 
+async def burst(spec: dict[str, Any]) -> dict[str, Any]:
+    """The overload level: everything from the first request to the last stream's end counts."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.2
+    stream_seconds = spec["tokens"] / spec["rate"] if spec["rate"] else 5.0
+    deadline = start + spec["ramp"] + stream_seconds + spec["window"]
+    load = Burst(spec, start)
+    monitor = Monitor(spec["pids"], spec["health_port"])
+    running = asyncio.ensure_future(load.run(deadline))
+    watching = asyncio.ensure_future(monitor.run(start, deadline))
+    await running
+    monitor.stop = min(monitor.stop, loop.time())
+    await watching
+    result = summarize_burst(load.streams)
+    result.update(
+        cpu_seconds=monitor.cpu,
+        seconds=monitor.stop - start,
+        rss_peak_kib=monitor.rss_peak or None,
+        healthz_us=percentiles(monitor.health),
+        healthz_failures=monitor.health_failures,
+    )
+    return result
+
+
 async def main(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec.get("kind") == "burst":
+        return await burst(spec)
     loop = asyncio.get_running_loop()
     service = spec["pids"].get("service")
     start = loop.time() + 0.2 + spec["ramp"]  # the window; loop.time() is CLOCK_MONOTONIC too
