@@ -8,7 +8,7 @@ of queueing in silence, SSE heartbeats keep proxies from dropping quiet streams,
 open streams with an explicit signal rather than a cut-off sentence.
 
 The module reads top to bottom: configuration, upstream adapter, framing, observability, load
-shedding, relay, routes, demo model, app. Run it with `python service.py` (settings from the environment; see README.md).
+shedding, relay, routes, demo model, serving layer, app. Run it with `python service.py` (settings from the environment; see README.md).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import asyncio
 import gc
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -34,6 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +48,8 @@ import openai
 import prometheus_client
 import prometheus_client.multiprocess
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool
 from starlette.middleware import Middleware
@@ -93,6 +98,9 @@ class Settings:
     log_level: str = "info"
     log_content: bool = False
     metrics_key: str | None = None
+    send_timeout_seconds: float = 30.0
+    request_timeout_seconds: float = 15.0
+    max_header_bytes: int = 32768
 
     @property
     def demo(self) -> bool:
@@ -159,6 +167,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         log_level=log_level,
         log_content=flag("LOG_CONTENT"),
         metrics_key=text("METRICS_KEY"),
+        send_timeout_seconds=number("SEND_TIMEOUT_SECONDS", 30.0, 0.1, 3600),
+        request_timeout_seconds=number("REQUEST_TIMEOUT_SECONDS", 15.0, 0.1, 3600),
+        max_header_bytes=number("MAX_HEADER_BYTES", 32768, 1024, 1024 * 1024, int),
     )
     if not settings.demo and not settings.api_keys and not settings.allow_anonymous:
         raise ConfigError(
@@ -194,8 +205,13 @@ class ServiceError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def encoded(self) -> bytes:
+        """The body as ASCII JSON: a message that quotes the client's input may hold characters
+        (a lone surrogate) that UTF-8 cannot encode, and \\u escapes always can."""
+        return json.dumps(self.body()).encode()
+
+    def response(self) -> Response:
+        return Response(self.encoded(), status_code=self.status, headers=self.headers, media_type="application/json")
 
 
 class StreamFailure(Exception):
@@ -350,17 +366,26 @@ class _InterruptibleBackend(httpcore2.SyncBackend):
         return _InterruptibleStream(super().connect_tcp(*args, **kwargs))
 
 
-def make_openai_client(settings: Settings, base_url: str | None) -> openai.OpenAI:
+class UpstreamClient(openai.OpenAI):
+    """The openai client, retried by this service's policy (`retry_pause`) instead of its own,
+    which waits out a 429's Retry-After, however long, in silence."""
+
+    def __init__(self, retries: int, **options: Any) -> None:
+        super().__init__(max_retries=0, **options)
+        self.retries = retries
+
+
+def make_openai_client(settings: Settings, base_url: str | None) -> UpstreamClient:
     transport = httpx2.HTTPTransport(
         limits=httpx2.Limits(max_connections=settings.max_streams + 16, max_keepalive_connections=64)
     )
     # httpx has no public setting for the network backend; its pool reads this for each new connection.
     transport._pool._network_backend = _InterruptibleBackend()
     timeout = httpx2.Timeout(settings.read_timeout, connect=settings.connect_timeout)
-    return openai.OpenAI(
+    return UpstreamClient(
+        settings.max_retries,
         api_key=settings.openai_api_key or "no-key",  # local servers (Ollama, vLLM) take any key
         base_url=base_url,
-        max_retries=settings.max_retries,
         timeout=timeout,
         http_client=httpx2.Client(transport=transport, timeout=timeout),
     )
@@ -424,19 +449,65 @@ def service_error_from(error: openai.OpenAIError) -> ServiceError:
             "upstream_error",
             "upstream_auth_failed",
         )
+    if status >= 500:
+        # A server's own failure may quote its traceback and file paths: for the operator, not the client.
+        log.warning("the upstream answered HTTP %s: %s", status, _upstream_message(error))
+        return ServiceError(502, f"The upstream failed (HTTP {status}).", "upstream_error", "upstream_error")
     return ServiceError(502, f"The upstream failed (HTTP {status}): {_upstream_message(error)}", "upstream_error", "upstream_error")
 
 
-async def send_upstream(call: UpstreamCall, request: Callable[[], httpx2.Response], stream: bool) -> httpx2.Response:
+RETRY_BUDGET_SECONDS = 3.0  # all retries of one call together: a client waits on them in silence
+LONGEST_HONOURED_PAUSE = 1.0  # an upstream asking for more than this before a retry is not retried
+
+
+def retry_pause(error: openai.OpenAIError, attempt: int, retries: int, elapsed: float) -> float | None:
+    """How long to wait before trying the call again, or None not to. Only an upstream that failed
+    on its own (5xx) or could not be reached is retried; a 429 goes back to the client at once,
+    with its Retry-After, for the client to decide."""
+    if attempt >= retries or isinstance(error, (ClientGone, openai.APITimeoutError)):
+        return None
+    if isinstance(error, openai.APIStatusError):
+        if error.status_code < 500:
+            return None
+        pause = _asked_pause(error.response.headers)
+        if pause is None or pause > LONGEST_HONOURED_PAUSE:
+            pause = min(0.25 * 2**attempt, LONGEST_HONOURED_PAUSE)
+    elif isinstance(error, openai.APIConnectionError):
+        pause = min(0.25 * 2**attempt, LONGEST_HONOURED_PAUSE)
+    else:
+        return None
+    return pause if elapsed + pause <= RETRY_BUDGET_SECONDS else None
+
+
+def _asked_pause(headers: httpx2.Headers) -> float | None:
+    """The upstream's Retry-After-Ms or Retry-After in seconds (not an HTTP date), if any."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            pause = float(headers.get(name, "")) / scale
+        except ValueError:
+            continue
+        if math.isfinite(pause) and pause >= 0:
+            return pause
+    return None
+
+
+async def send_upstream(call: UpstreamCall, request: Callable[[], httpx2.Response], stream: bool, retries: int) -> httpx2.Response:
     """Make one upstream request with the openai client (`request`, which returns its raw HTTP
-    response); return once the response headers arrived (without streaming, once the whole body did)."""
+    response), retried up to `retries` times as `retry_pause` allows; return once the response
+    headers arrived (without streaming, once the whole body did)."""
 
     def send() -> httpx2.Response:
-        try:
-            response = request()
-        except openai.OpenAIError:
-            call.finish()  # its connection may already serve another call
-            raise
+        started = time.monotonic()
+        for attempt in itertools.count():
+            try:
+                response = request()
+                break
+            except openai.OpenAIError as error:
+                call.finish()  # its connection may already serve another call
+                pause = retry_pause(error, attempt, retries, time.monotonic() - started)
+                if pause is None:
+                    raise
+                time.sleep(pause)
         if not stream:
             call.finish()  # httpx has read the whole answer already
         return response
@@ -449,10 +520,10 @@ async def send_upstream(call: UpstreamCall, request: Callable[[], httpx2.Respons
         raise service_error_from(error) from None
 
 
-Opener = Callable[[openai.OpenAI, UpstreamCall, dict[str, Any]], Awaitable[httpx2.Response]]
+Opener = Callable[[UpstreamClient, UpstreamCall, dict[str, Any]], Awaitable[httpx2.Response]]
 
 
-async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
+async def open_upstream(client: UpstreamClient, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
     """Send one chat completion request.
 
     The request body is the client's, passed through field by field (`extra_body`), so fields this
@@ -464,6 +535,7 @@ async def open_upstream(client: openai.OpenAI, call: UpstreamCall, body: dict[st
         call,
         lambda: client.chat.completions.with_raw_response.create(model=model, messages=messages, stream=stream, extra_body=fields).http_response,
         stream,
+        client.retries,
     )
 
 
@@ -476,13 +548,14 @@ def _no_responses_api(error: ServiceError, request: str) -> ServiceError:
     )
 
 
-async def open_responses(client: openai.OpenAI, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
+async def open_responses(client: UpstreamClient, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
     """Send one Responses API request (POST /responses), the body field by field as for chat."""
     fields = dict(body)
     model, stream = fields.pop("model"), fields.pop("stream", False)
     try:
         return await send_upstream(
-            call, lambda: client.responses.with_raw_response.create(model=model, stream=stream, extra_body=fields).http_response, stream
+            call, lambda: client.responses.with_raw_response.create(model=model, stream=stream, extra_body=fields).http_response, stream,
+            client.retries,
         )
     except ServiceError as error:
         if error.status == 404 and error.code != "model_not_found":
@@ -490,15 +563,15 @@ async def open_responses(client: openai.OpenAI, call: UpstreamCall, body: dict[s
         raise
 
 
-async def open_resource(client: openai.OpenAI, call: UpstreamCall, method: str, path: str, query: Mapping[str, str], stream: bool) -> httpx2.Response:
+async def open_resource(client: UpstreamClient, call: UpstreamCall, method: str, path: str, query: Mapping[str, str], stream: bool) -> httpx2.Response:
     """Any other upstream request (`path` relative to the base URL), its body not parsed."""
     options: Any = {"params": dict(query)}
     raw = httpx2.Response
     if method == "GET":
-        return await send_upstream(call, lambda: client.get(path, cast_to=raw, options=options, stream=stream, stream_cls=openai.Stream[Any]), stream)
+        return await send_upstream(call, lambda: client.get(path, cast_to=raw, options=options, stream=stream, stream_cls=openai.Stream[Any]), stream, client.retries)
     if method == "POST":
-        return await send_upstream(call, lambda: client.post(path, cast_to=raw, options=options), stream)
-    return await send_upstream(call, lambda: client.delete(path, cast_to=raw, options=options), stream)
+        return await send_upstream(call, lambda: client.post(path, cast_to=raw, options=options), stream, client.retries)
+    return await send_upstream(call, lambda: client.delete(path, cast_to=raw, options=options), stream, client.retries)
 
 
 DONE = b"[DONE]"
@@ -1012,7 +1085,7 @@ class Exchange:
         }
         if settings.log_content:
             line["prompt"], line["completion"] = self.prompt, self.completion
-        requests_log.info(json.dumps(line, ensure_ascii=False))
+        write_log_line(line)
         metrics.requests.labels(route, str(self.status), outcome).inc()
         if isinstance(completion_tokens, int) and completion_tokens > 0:
             metrics.completion_tokens.labels(route, str(estimated).lower()).inc(completion_tokens)
@@ -1033,6 +1106,25 @@ class Exchange:
 
 
 ROUTES_MEASURED = {"/chat", "/v1/chat/completions", "/v1/responses"}
+# Scope key the serving layer sets when it ended an exchange itself (a stalled client, a request
+# past its deadline): (status, or None if the response had started, and outcome).
+CONNECTION_VERDICT = "relay.connection_verdict"
+
+
+def write_log_line(line: dict[str, Any]) -> None:
+    """One request's line, always valid UTF-8 JSON: text the client sent may hold lone surrogates,
+    which only \\u escapes can carry."""
+    text = json.dumps(line, ensure_ascii=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = json.dumps(line)
+    requests_log.info(text)
+
+
+def log_connection_answer(status: int, outcome: str) -> None:
+    """The line for a response the serving layer wrote before any route saw a whole request."""
+    write_log_line({"request_id": uuid.uuid4().hex, "method": None, "path": None, "status": status, "outcome": outcome})
 
 
 def exchange_of(request: Request) -> Exchange:
@@ -1064,7 +1156,15 @@ class RequestLog:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if exchange.status == 0:  # the error handler outside this middleware answers 500
+                exchange.status = 500
+            raise
         finally:
+            verdict = scope.get(CONNECTION_VERDICT)
+            if verdict is not None:
+                exchange.status = verdict[0] or exchange.status
+                exchange.outcome = verdict[1]
             exchange.record(self.runtime.settings, self.runtime.metrics)
 
 
@@ -1200,7 +1300,7 @@ class Runtime:
 
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    client: openai.OpenAI | None = None
+    client: UpstreamClient | None = None
     streams: anyio.CapacityLimiter | None = None
     shedder: LoadShedder | None = None
     shutting_down: anyio.Event | None = None
@@ -1216,15 +1316,19 @@ class Slot:
         try:
             limiter.acquire_on_behalf_of_nowait(self)
         except anyio.WouldBlock:
-            metrics.rejected.inc()
-            raise ServiceError(
-                503,
-                f"The service is serving its maximum of {int(limiter.total_tokens)} streams; retry shortly.",
-                "server_busy",
-                "capacity_exceeded",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise Slot.refusal(limiter, metrics) from None
         self._held = True
+
+    @staticmethod
+    def refusal(limiter: anyio.CapacityLimiter, metrics: Metrics) -> ServiceError:
+        metrics.rejected.inc()
+        return ServiceError(
+            503,
+            f"The service is serving its maximum of {int(limiter.total_tokens)} streams; retry shortly.",
+            "server_busy",
+            "capacity_exceeded",
+            headers={"Retry-After": "1"},
+        )
 
     def release(self) -> None:
         if self._held:
@@ -1363,11 +1467,16 @@ class RelayResponse(StreamingResponse):
 # ------------------------------------------------------------------------------------------------
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-KEY_QUERY_PARAMETERS = {"api_key", "key", "apikey", "access_token", "token"}
+# Compared without case, "-" and "_": ?API_KEY=, ?apiKey= and ?api-key= are all keys in a URL.
+KEY_QUERY_PARAMETERS = {"apikey", "key", "token", "accesstoken", "auth", "authorization", "bearer", "password", "secret"}
+
+
+def _key_like(name: str) -> bool:
+    return name.lower().replace("-", "").replace("_", "") in KEY_QUERY_PARAMETERS
 
 
 def authenticate(request: Request, settings: Settings) -> None:
-    if KEY_QUERY_PARAMETERS & set(request.query_params):
+    if any(_key_like(name) for name in request.query_params):
         raise ServiceError(
             400,
             "API keys are not accepted in the URL, where logs and browser history keep them; "
@@ -1417,13 +1526,50 @@ async def read_json_object(request: Request, settings: Settings) -> dict[str, An
         if size > limit:
             raise ServiceError(413, f"The request body is larger than MAX_BODY_BYTES ({limit} bytes).", code="body_too_large")
         chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        body = json.loads(b"".join(chunks), parse_constant=_reject_constant, parse_float=_finite_float)
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise ServiceError(400, "The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ServiceError(400, "The request body must be a JSON object.", code="invalid_json")
+    if ESCAPED_SURROGATE.search(raw):
+        where = _unencodable_text(body, "")
+        if where is not None:
+            raise ServiceError(400, f"'{where or 'body'}' holds a lone surrogate (\\ud800-\\udfff), which is not text.", param=where or None, code="invalid_json")
     return body
+
+
+# JSON may write a UTF-16 half on its own ("\\ud800"); such a string cannot be encoded again, so
+# it is refused here rather than fail on its way to the upstream. Pairs are fine (json joins them).
+ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unencodable_text(value: Any, where: str) -> str | None:
+    """Where in `value` a string or key is not valid Unicode, if anywhere."""
+    if isinstance(value, str):
+        return None if _encodable(value) else where
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not _encodable(key):
+                return where
+            found = _unencodable_text(item, f"{where}.{key}" if where else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unencodable_text(item, f"{where}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:
@@ -1434,8 +1580,8 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise ServiceError(400, f"'{where}' must be an object with 'role' and 'content'.", param=where)
         role = message.get("role")
-        if role not in ROLES:
-            raise ServiceError(400, f"'{where}.role' must be one of {', '.join(sorted(ROLES))}; got {role!r}.", param=f"{where}.role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise ServiceError(400, f"'{where}.role' must be one of {', '.join(sorted(ROLES))}.", param=f"{where}.role")
         content = message.get("content")
         if not (content is None or isinstance(content, (str, list))):
             raise ServiceError(400, f"'{where}.content' must be a string or an array of content parts.", param=f"{where}.content")
@@ -1565,7 +1711,8 @@ async def call_upstream(request: Request, body: dict[str, Any], open: Opener = o
         runtime.shedder.waited(call.thread_wait)
 
 
-def admit(request: Request) -> Slot:
+def admit(request: Request) -> None:
+    """The refusals that cost nothing, before the body is read: the key, a shutdown, a full service."""
     runtime = runtime_of(request)
     authenticate(request, runtime.settings)
     assert runtime.streams is not None and runtime.shutting_down is not None
@@ -1574,6 +1721,15 @@ def admit(request: Request) -> Slot:
     assert runtime.shedder is not None
     if not runtime.shedder.admits(int(runtime.streams.borrowed_tokens)):
         raise runtime.shedder.refuse(runtime.metrics)
+    if runtime.streams.available_tokens < 1:
+        raise Slot.refusal(runtime.streams, runtime.metrics)
+
+
+def take_slot(request: Request) -> Slot:
+    """A stream's place, taken only once the whole request was read: a client that sends its body
+    slowly must not hold one."""
+    runtime = runtime_of(request)
+    assert runtime.streams is not None
     return Slot(runtime.streams, runtime.metrics)
 
 
@@ -1598,12 +1754,13 @@ async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions: OpenAI's API, passed through."""
     runtime, exchange = runtime_of(request), exchange_of(request)
     settings = runtime.settings
-    slot = admit(request)
+    admit(request)
+    body = await read_json_object(request, settings)
+    check_messages(body.get("messages"))
+    check_sampling(body)
+    body.setdefault("model", settings.model)
+    slot = take_slot(request)
     try:
-        body = await read_json_object(request, settings)
-        check_messages(body.get("messages"))
-        check_sampling(body)
-        body.setdefault("model", settings.model)
         call, response = await call_upstream(request, body)
     except BaseException:
         slot.release()
@@ -1657,12 +1814,13 @@ async def responses(request: Request) -> Response:
     """POST /v1/responses: OpenAI's Responses API, passed through."""
     runtime = runtime_of(request)
     settings = runtime.settings
-    slot = admit(request)
+    admit(request)
+    body = await read_json_object(request, settings)
+    check_input(body)
+    check_sampling(body)
+    body.setdefault("model", settings.model)
+    slot = take_slot(request)
     try:
-        body = await read_json_object(request, settings)
-        check_input(body)
-        check_sampling(body)
-        body.setdefault("model", settings.model)
         call, response = await call_upstream(request, body, open_responses)
     except BaseException:
         slot.release()
@@ -1679,7 +1837,8 @@ async def response_resource(request: Request) -> Response:
     /v1/responses/{id}/input_items: passed through; GET with ?stream=true streams the response's
     events again (from ?starting_after=N), as POST /v1/responses does."""
     runtime = runtime_of(request)
-    slot = admit(request)
+    admit(request)
+    slot = take_slot(request)  # no body to wait for
     response_id = request.path_params["response_id"]
     path = request.url.path.removeprefix("/v1")
     stream = request.method == "GET" and not path.endswith("/input_items") and request.query_params.get("stream") == "true"
@@ -1731,7 +1890,8 @@ async def models(request: Request) -> Response:
     cached = runtime.model_listings.get(path)
     if cached is not None:
         return Response(cached, media_type="application/json")
-    slot = admit(request)
+    admit(request)
+    slot = take_slot(request)
     try:
         call = UpstreamCall()
         client = runtime.client
@@ -1743,7 +1903,7 @@ async def models(request: Request) -> Response:
                 return client.models.with_raw_response.list().http_response
             return client.models.with_raw_response.retrieve(model).http_response
 
-        response = await upstream_until_disconnect(request, call, send_upstream(call, send, False))
+        response = await upstream_until_disconnect(request, call, send_upstream(call, send, False, client.retries))
     finally:
         slot.release()
     runtime.model_listings.put(path, response.content)
@@ -1793,10 +1953,11 @@ async def chat(request: Request) -> Response:
     """POST /chat {"message": ...} and GET /chat?q=...: the answer's text, framed as Accept asks."""
     runtime, exchange = runtime_of(request), exchange_of(request)
     settings = runtime.settings
-    slot = admit(request)
+    admit(request)
+    framing_name = negotiate(request.headers.get("accept", ""))
+    upstream_body, continuations = chat_request(await chat_fields(request, settings), settings)
+    slot = take_slot(request)
     try:
-        framing_name = negotiate(request.headers.get("accept", ""))
-        upstream_body, continuations = chat_request(await chat_fields(request, settings), settings)
         call, response = await call_upstream(request, upstream_body)
     except BaseException:
         slot.release()
@@ -2070,6 +2231,211 @@ DEMO_MODEL = {"id": "demo", "object": "model", "created": 1764547200, "owned_by"
 
 
 # ------------------------------------------------------------------------------------------------
+# Serving layer: each client connection bounded in time, size and number.
+#
+# uvicorn, like most servers, trusts the client at the HTTP level: a request head may grow without
+# limit (httptools buffers it all, on the event loop), the head and body may trickle in forever, a
+# client that stops reading keeps the response's final write (and so its stream slot) waiting on its
+# TCP window, and once descriptors run out every new client gets a reset. gunicorn bounds the head
+# (limit_request_line, limit_request_field_size) and the time (timeout), h11 bounds what it buffers
+# (max_incomplete_event_size), sse-starlette puts a deadline on each send; this is the same for
+# uvicorn's httptools protocol, as a small subclass of it (`http=` setting): switching to uvicorn's
+# h11 protocol would bound the head too, but answers 400 instead of 431, has no deadline on the
+# request or on writes, and parses and frames every byte in Python. Answers from here are JSON like
+# every other error, and close the connection.
+# ------------------------------------------------------------------------------------------------
+
+LINGER_SECONDS = 2.0  # for a client to read an answer of this layer before its connection is cut
+DESCRIPTOR_RESERVE = 100  # log files, the event loop, the demo model, metrics files: not connections
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit; return the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # some platforms cap it lower; the limit we have is used
+    return soft
+
+
+def connection_capacity(settings: Settings) -> int:
+    """Client connections one process holds at once: its descriptors, less one upstream
+    connection per stream and the reserve. A connection beyond it gets a 503, never a reset."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft - settings.max_streams - 16 - DESCRIPTOR_RESERVE
+
+
+def connection_answer(error: ServiceError) -> bytes:
+    """A whole HTTP response for `error`, that closes the connection."""
+    body = error.encoded()
+    head = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}", "content-type: application/json",
+            f"content-length: {len(body)}", "connection: close"]
+    head += [f"{name}: {value}" for name, value in error.headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+class ServingProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with MAX_HEADER_BYTES, REQUEST_TIMEOUT_SECONDS,
+    SEND_TIMEOUT_SECONDS and a bound on connections."""
+
+    capacity: int | None = None  # per process, from the descriptor limit, on the first connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if ServingProtocol.capacity is None:
+            ServingProtocol.capacity = connection_capacity(settings)
+        self.expect_head()
+        self.answered = False
+        self.request_deadline: asyncio.TimerHandle | None = None
+        self.stall_check: asyncio.TimerHandle | None = None
+        self.unsent_at_check = 0
+        self.arm_request_deadline()
+        if len(self.connections) > ServingProtocol.capacity:
+            # At once, before any request, and without lingering: a flood of connections must not
+            # keep descriptors.
+            error = ServiceError(503, "The service holds as many connections as it can; retry shortly.",
+                                 "server_busy", "too_many_connections", headers={"Retry-After": "1"})
+            log_connection_answer(503, "rejected")
+            self.answered = True
+            transport.write(connection_answer(error))
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self.request_deadline, self.stall_check):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(exc)
+
+    # -- MAX_HEADER_BYTES: counted as the bytes arrive, before httptools buffers them
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return  # whatever follows an answer of this layer is read only to be dropped
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > settings.max_header_bytes and not self.head_ends_in_time(data):
+                self.answer_and_close(
+                    ServiceError(431, f"The request line and headers are larger than MAX_HEADER_BYTES ({settings.max_header_bytes} bytes).",
+                                 code="headers_too_large"),
+                    "rejected",
+                )
+                return
+            self.head_tail = (self.head_tail + data[-3:])[-3:]
+        super().data_received(data)
+
+    def expect_head(self) -> None:
+        """What arrives next is the head of a new request."""
+        self.head_bytes, self.head_tail, self.in_head = 0, b"", True
+
+    def head_ends_in_time(self, data: bytes) -> bool:
+        """Whether the head ends within `data` (what follows is body) and within the limit."""
+        end = (self.head_tail + data).find(b"\r\n\r\n")
+        return end >= 0 and self.head_bytes - len(data) - len(self.head_tail) + end + 4 <= settings.max_header_bytes
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        super().on_headers_complete()
+
+    # -- REQUEST_TIMEOUT_SECONDS: from the connection, or the end of the previous response, to the
+    #    request's last byte
+
+    def arm_request_deadline(self) -> None:
+        self.request_deadline = self.loop.call_later(settings.request_timeout_seconds, self.request_too_slow)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self.request_deadline is not None:
+            self.request_deadline.cancel()
+            self.request_deadline = None
+        self.expect_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.request_deadline is None and not self.transport.is_closing():
+            self.arm_request_deadline()
+
+    def request_too_slow(self) -> None:
+        self.request_deadline = None
+        if self.answered:
+            return
+        cycle = self.cycle
+        if not self.in_head and cycle is not None and cycle.response_started:
+            self.transport.abort()  # answered already (the body is no longer wanted): just close
+            return
+        error = ServiceError(408, f"The request did not arrive within REQUEST_TIMEOUT_SECONDS ({settings.request_timeout_seconds:g} s).",
+                             code="request_timeout")
+        if not self.in_head and cycle is not None:
+            # A route is waiting for the body: it learns that the client is gone, and its log
+            # line says what happened.
+            cycle.scope[CONNECTION_VERDICT] = (408, "request_timeout")  # type: ignore[literal-required]
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self.answer_and_close(error, None)
+            return
+        self.answer_and_close(error, "request_timeout" if self.head_bytes else None)
+
+    # -- SEND_TIMEOUT_SECONDS: uvicorn stops a response's writes while the client's buffer is full;
+    #    a client that takes no byte of it for that long is dropped
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.unsent_at_check = self.transport.get_write_buffer_size()
+        self.stall_check = self.loop.call_later(settings.send_timeout_seconds, self.check_stall)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.stall_check is not None:
+            self.stall_check.cancel()
+            self.stall_check = None
+
+    def check_stall(self) -> None:
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self.unsent_at_check:  # slow, but reading
+            self.unsent_at_check = unsent
+            self.stall_check = self.loop.call_later(settings.send_timeout_seconds, self.check_stall)
+            return
+        self.stall_check = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.scope[CONNECTION_VERDICT] = (None, "client_stalled")  # type: ignore[literal-required]
+        self.transport.abort()  # connection_lost then ends the response, and the route its stream
+
+    # -- answers of the serving layer itself
+
+    def send_400_response(self, msg: str) -> None:
+        self.answer_and_close(ServiceError(400, "The request is not valid HTTP/1.1.", code="invalid_http"), "rejected")
+
+    def answer_and_close(self, error: ServiceError, outcome: str | None) -> None:
+        """Answer, then close as a lingering close does: the client may still be sending, and a
+        close with its bytes unread would reset the connection before it read the answer."""
+        if outcome is not None:  # None: a route logs it, or no request began (a silent connection)
+            log_connection_answer(error.status, outcome)
+        self.answered, self.in_head = True, False
+        self.transport.write(connection_answer(error))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.abort)
+
+
+class ServingSupervisor(Multiprocess):
+    """uvicorn's supervisor of several workers, which also stops listening the moment it is told
+    to stop: the workers close their copies of the listening socket, but the supervisor's copy
+    stays open, and the kernel would go on accepting connections that nobody answers."""
+
+    def terminate_all(self) -> None:
+        for listener in self.sockets:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # in every process that holds it: refused from now on
+            except OSError:
+                pass
+        super().terminate_all()
+
+
+# ------------------------------------------------------------------------------------------------
 # App
 # ------------------------------------------------------------------------------------------------
 
@@ -2202,15 +2568,33 @@ def main() -> None:
     if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Each worker writes its metrics here, and /metrics in any worker adds them all up.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
-    uvicorn.run(
+    descriptors = raise_descriptor_limit()  # the workers inherit it
+    if connection_capacity(settings) < 16:
+        sys.exit(
+            f"service: configuration error: MAX_STREAMS={settings.max_streams} needs more open files than the limit of "
+            f"{descriptors} allows; raise it (ulimit -n) or lower MAX_STREAMS."
+        )
+    config = uvicorn.Config(
         "service:app",
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
+        http="service:ServingProtocol",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
         log_level=settings.log_level,
         access_log=False,  # the service writes its own line per request
     )
+    if settings.workers > 1:
+        listener = config.bind_socket()
+        try:
+            ServingSupervisor(config, sockets=[listener]).run()
+        finally:
+            listener.close()
+    else:
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:
+            sys.exit(3)  # uvicorn has logged why (the port is taken, say)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,45 @@ def test_bad_body_is_400_naming_the_field(http: httpx.Client, fake: FakeUpstream
     assert fake.requests == [], "a bad request reached the upstream"
 
 
+@pytest.mark.parametrize(
+    ("path", "content", "field"),
+    [
+        (CHAT, rb'{"message": "hi \ud800"}', "message"),
+        (CHAT, rb'{"message": "hi", "model": "\udfff"}', "model"),
+        (CHAT, rb'{"messages": [{"role": "user", "content": "\ud83d"}]}', "messages[0].content"),
+        (V1, rb'{"messages": [{"role": "user", "content": "hi", "\ud800": 1}]}', "messages[0]"),
+        (V1, rb'{"messages": [{"role": "user", "content": "hi"}], "model": "x\udc00y"}', "model"),
+        (V1, rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}', "messages[0].content[0].text"),
+    ],
+    ids=["chat_message", "chat_model", "chat_content", "v1_key", "v1_model", "v1_content_part"],
+)
+def test_lone_surrogates_are_400_naming_the_field(limited: Service, http: httpx.Client, fake: FakeUpstream, path: str, content: bytes, field: str) -> None:
+    """JSON may escape half a UTF-16 pair on its own; such text cannot be sent on, and was a 500
+    whose log line was lost."""
+    lines_before = limited.log().count('"request_id"')
+    response = http.post(path, content=content, headers={"Content-Type": "application/json"})
+    error = assert_error(response, 400)
+    assert error["param"] == field, error
+    assert fake.requests == []
+    response.content.decode("utf-8")  # the body is valid UTF-8 JSON
+    time.sleep(0.05)
+    lines = [line for line in limited.log().splitlines() if '"request_id"' in line][lines_before:]
+    assert [json.loads(line)["status"] for line in lines] == [400], lines
+
+
+def test_emoji_written_as_an_escaped_pair_is_served(http: httpx.Client, fake: FakeUpstream) -> None:
+    response = http.post(CHAT, content=rb'{"message": "hi \ud83d\ude00"}', headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
+    assert fake.requests[-1].body["messages"][0]["content"] == "hi \U0001f600"
+
+
+@pytest.mark.parametrize("path", [CHAT, V1])
+@pytest.mark.parametrize("role", [{}, [], ["user"], {"user": 1}, 1, None, True])
+def test_a_role_that_is_not_a_string_is_400(http: httpx.Client, fake: FakeUpstream, path: str, role: Any) -> None:
+    assert_error(http.post(path, json={"messages": [{"role": role, "content": "hi"}]}), 400, "role")
+    assert fake.requests == []
+
+
 @pytest.mark.parametrize("path", [CHAT, V1])
 @pytest.mark.parametrize(
     ("content", "mentions"),
@@ -411,7 +450,11 @@ def test_each_configured_key_works(
 
 
 @pytest.mark.parametrize(("method", "path", "request_args"), ENDPOINTS, ids=ENDPOINT_IDS)
-@pytest.mark.parametrize("name", ["api_key", "key", "apikey", "access_token", "token"])
+@pytest.mark.parametrize(
+    "name",
+    ["api_key", "key", "apikey", "access_token", "token", "API_KEY", "apiKey", "api-key", "access-token", "Access_Token",
+     "auth", "Authorization", "bearer", "password", "SECRET"],
+)
 def test_key_in_the_query_string_is_refused(
     http: httpx.Client, fake: FakeUpstream, method: str, path: str, request_args: dict, name: str
 ) -> None:
@@ -425,9 +468,19 @@ def test_key_in_the_query_string_is_refused(
 
 # -- generated input -----------------------------------------------------------------------------------
 
+# Text with half a UTF-16 pair in it, which json.dumps writes as a "\ud800"-style escape.
+lone_surrogate_text = st.builds(
+    lambda before, half, after: before + half + after,
+    st.text(max_size=5), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), st.text(max_size=5),
+)
+def sometimes_broken(text: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """`text`, or one time in ten text with a lone surrogate."""
+    return st.integers(0, 9).flatmap(lambda n: lone_surrogate_text if n == 0 else text)
+
+
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    st.none() | st.booleans() | st.integers() | st.floats() | sometimes_broken(st.text(max_size=20)),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(sometimes_broken(st.text(max_size=12)), children, max_size=4),
     max_leaves=12,
 )
 FIELD_NAMES = ["message", "messages", "model", "temperature", "max_tokens", "max_completion_tokens", "stream",
@@ -443,6 +496,8 @@ VALID_BODIES = {
 def mutated_body(draw: st.DrawFn, path: str) -> Any:
     """A valid body with one to three fields (or message fields) deleted or replaced."""
     body = copy.deepcopy(VALID_BODIES[path])
+    if draw(st.integers(0, 9)) == 0:  # a role that is no string at all: an object, a list, a number
+        body["messages"] = [{"role": draw(json_values.filter(lambda value: not isinstance(value, str))), "content": "hi"}]
     for _ in range(draw(st.integers(1, 3))):
         target = body
         messages = body.get("messages")
