@@ -887,9 +887,10 @@ class ResponsesFraming(PassThroughFraming):
 
     whole_events = True
 
-    def __init__(self) -> None:
+    def __init__(self, keep_text: bool = False) -> None:
         super().__init__()
         self.ended = False
+        self._texts: list[str] | None = [] if keep_text else None  # only to log the text (LOG_CONTENT=1)
         self._last_sequence_number = -1
         self._upstream_error: bytes | None = None  # the upstream's own error event, passed on as it is
 
@@ -912,6 +913,8 @@ class ResponsesFraming(PassThroughFraming):
                     break
                 if kind.endswith(b".delta"):
                     self.pieces += 1
+                    if self._texts is not None and kind == b"response.output_text.delta":
+                        self._texts.append(str(parsed.get("delta", "")))
                 if kind in RESPONSE_ENDINGS:
                     self.ended = True
                     usage = (parsed.get("response") or {}).get("usage")
@@ -920,6 +923,9 @@ class ResponsesFraming(PassThroughFraming):
                                       "total_tokens": usage.get("total_tokens")}
             frames.append(event + b"\n\n")
         return b"".join(frames)
+
+    def completion(self) -> str | None:
+        return None if self._texts is None else "".join(self._texts)
 
     def unfinished(self) -> StreamFailure | None:
         if not self.ended:
@@ -1827,8 +1833,10 @@ async def responses(request: Request) -> Response:
         raise
     if not body.get("stream"):
         slot.release()
+        if settings.log_content:
+            exchange_of(request).completion = response.text
         return Response(response.content, media_type="application/json")
-    return relay_pass_through(request, call, response, ResponsesFraming(), slot)
+    return relay_pass_through(request, call, response, ResponsesFraming(keep_text=settings.log_content), slot)
 
 
 @handle_errors
@@ -1858,7 +1866,7 @@ async def response_resource(request: Request) -> Response:
     if not stream:
         slot.release()
         return Response(response.content, media_type="application/json")
-    return relay_pass_through(request, call, response, ResponsesFraming(), slot)
+    return relay_pass_through(request, call, response, ResponsesFraming(keep_text=runtime.settings.log_content), slot)
 
 
 MODELS_CACHE_SECONDS = 10.0  # a UI that polls the model list must not poll the upstream

@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator
 import httpx
 import openai
 import pytest
+import test_faults
 
 from conftest import AUTH, KEY, Service, launch, upstream_env
 from sse import sse_events, whole_sse_events
 from test_streaming import PIECES, WHOLE, assert_still_held, held_reply
+from test_usage import line_for
 from upstream import RESPONSES_ERROR_MESSAGE, RESPONSES_STREAMS_DIR, FakeUpstream, Reply
 
 FIRST_DELTA = 4  # response.created, .in_progress, .output_item.added, .content_part.added come first
@@ -40,12 +42,13 @@ def test_models_are_the_upstreams_and_cached_briefly(fake: FakeUpstream, service
     client = sdk(service)
     assert [model.id for model in client.models.list()] == ["listed-model", "another/model"]
     assert client.models.retrieve("listed-model").id == "listed-model"
-    assert [rec.path for rec in fake.requests] == ["/v1/models", "/v1/models/listed-model"]
+    assert client.models.retrieve("another/model").id == "another/model"  # Hugging Face names have a slash
+    assert [rec.path for rec in fake.requests] == ["/v1/models", "/v1/models/listed-model", "/v1/models/another%2Fmodel"]
     assert all(rec.headers["authorization"] == "Bearer sk-upstream-secret-0123456789" for rec in fake.requests)
     fake.models = ["changed"]
     assert [model.id for model in client.models.list()] == ["listed-model", "another/model"]  # from the cache
     assert client.models.retrieve("listed-model").id == "listed-model"
-    assert len(fake.requests) == 2
+    assert len(fake.requests) == 3
 
 
 def test_models_need_a_key_and_errors_are_openai_shaped(fake: FakeUpstream, service: Service) -> None:
@@ -151,14 +154,6 @@ def test_create_without_streaming_returns_the_upstreams_json(fake: FakeUpstream,
 # -- faults -------------------------------------------------------------------------------------------
 
 
-def test_an_upstream_error_before_the_first_byte_is_an_openai_error(fake: FakeUpstream, client: httpx.Client) -> None:
-    fake.expect(Reply(status=429, extra_headers={"Retry-After": "7"}), Reply(status=500), Reply(status=401))
-    for status, code in ((429, "rate_limit_exceeded"), (502, "upstream_error"), (502, "upstream_auth_failed")):
-        response = client.post("/v1/responses", json={"input": "hi", "stream": True})
-        assert response.status_code == status and response.json()["error"]["code"] == code
-    assert "sk-upstream-secret" not in response.text
-
-
 @pytest.mark.parametrize(
     "body",
     [b"404 page not found", b'{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}', b'{"detail":"Not Found"}'],
@@ -201,22 +196,15 @@ def sdk_outcome(service: Service) -> tuple[list[str], list]:
     ],
     ids=["dropped", "dropped_at_start", "not_json", "no_terminal_event"],
 )
-def test_a_failure_after_streaming_started_ends_with_an_error_event(
-    fake: FakeUpstream, service: Service, client: httpx.Client, reply: Callable[[], Reply], code: str
+def test_the_sdk_sees_a_failure_after_streaming_started_as_an_error(
+    fake: FakeUpstream, service: Service, reply: Callable[[], Reply], code: str
 ) -> None:
-    """What was sent stays sent; then `event: error` in this API's shape, never a clean end."""
+    """What was sent stays sent; then an `error` event, never response.completed, and the SDK's
+    stream helper does not take it for a finished response."""
     fake.expect(reply())
     texts, errors = sdk_outcome(service)
     assert texts == PIECES[: len(texts)] and len(errors) == 1
     assert errors[0].code == code
-    fake.expect(reply())
-    body = client.post("/v1/responses", json={"input": "hi", "stream": True}).read().decode()
-    events = whole_sse_events(body)
-    name, data = events[-1]
-    error = json.loads(data)
-    assert name == "error" and set(error) == {"type", "code", "message", "param", "sequence_number"}
-    assert error["type"] == "error" and error["code"] == code and error["message"]
-    assert error["sequence_number"] == json.loads(events[-2][1])["sequence_number"] + 1
     with pytest.raises(RuntimeError):  # the helper never takes it for a completed response
         fake.expect(reply())
         with sdk(service).responses.stream(model="fake-model", input="hi") as stream:
@@ -242,15 +230,76 @@ def test_an_incomplete_response_is_passed_on_as_it_is(fake: FakeUpstream, servic
     assert events[-1].response.incomplete_details.reason == "max_output_tokens"
 
 
+FAULTS_BEFORE_THE_FIRST_BYTE = [fault for fault in test_faults.FAULTS if fault.pieces is None]
+
+
 @pytest.fixture(scope="module")
-def slow_service(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    running = launch(tmp_path_factory.mktemp("responses-timeouts"),
-                     upstream_env(upstream, UPSTREAM_READ_TIMEOUT="0.3", HEARTBEAT_SECONDS="0.1", UPSTREAM_MAX_RETRIES="1"))
+def fault_services(service: Service, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[test_faults.Services]:
+    running = test_faults.Services(service, upstream, tmp_path_factory.mktemp("responses-fault-services"))
     yield running
     running.stop()
 
 
-def test_stalls_time_out_and_heartbeats_keep_quiet_streams_alive(fake: FakeUpstream, slow_service: Service) -> None:
+@pytest.mark.parametrize("fault", FAULTS_BEFORE_THE_FIRST_BYTE, ids=[fault.id for fault in FAULTS_BEFORE_THE_FIRST_BYTE])
+def test_the_fault_table_before_the_first_byte_holds_for_responses(fake: FakeUpstream, fault_services: test_faults.Services, fault: test_faults.Fault) -> None:
+    """Each row of tests/test_faults.py's table that fails before the first byte (statuses,
+    refused and hanging connections, header timeouts, retries) ends exactly as it does on
+    /v1/chat/completions: the same status and error, or (after a retry) a whole answer."""
+    fake.expect(*fault.replies())
+    body = {"model": "fake-model", "input": "hi", "stream": True, **fault.request}
+    with fault_services.client(fault.service).stream("POST", "/v1/responses", json=body) as response:
+        if fault.status == 200:
+            events = whole_sse_events(response.read().decode())
+            assert events[-1][0] == "response.completed"
+            assert "".join(json.loads(d)["delta"] for n, d in events if n.endswith(".delta")) == test_faults.NORMAL_TEXT
+        else:
+            test_faults.check_error_response(response, fault)
+    assert len(fake.requests) == fault.upstream_requests
+    for rec in fake.requests:
+        assert rec.closed.wait(5), "the upstream connection was left open"
+
+
+FAULTS_AFTER_THE_FIRST_BYTE = [fault for fault in test_faults.FAULTS if fault.pieces is not None]
+
+
+@pytest.mark.parametrize("fault", FAULTS_AFTER_THE_FIRST_BYTE, ids=[fault.id for fault in FAULTS_AFTER_THE_FIRST_BYTE])
+def test_the_fault_table_after_streaming_started_holds_for_responses(fake: FakeUpstream, fault_services: test_faults.Services, fault: test_faults.Fault) -> None:
+    """Each row of the table that fails mid-stream: the events before the fault, each once, then
+    this API's `error` event with the row's error type (the upstream's own error event, as it
+    came, for the row that sends one), and nothing after; never retried."""
+    replies = fault.replies()
+    fake.expect(*replies)
+    started = time.monotonic()
+    with fault_services.client(fault.service).stream("POST", "/v1/responses", json={"input": "hi", "stream": True}) as response:
+        assert response.status_code == 200
+        body = response.read()
+    elapsed = time.monotonic() - started
+    test_faults.assert_nothing_leaked(response, body)
+    events = whole_sse_events(body.decode())
+    assert [name for name, _ in events].count("error") == 1 and events[-1][0] == "error"
+    error = json.loads(events[-1][1])
+    assert set(error) == {"type", "code", "message", "param", "sequence_number"} and error["type"] == "error"
+    upstream_own = fault.id == "error_event"  # a Responses upstream's error event (the others send chat-style errors)
+    assert error["code"] == ("server_error" if upstream_own else fault.error_type)
+    if replies[0].raw_chunks is None:
+        assert [json.loads(d)["delta"] for n, d in events if n == "response.output_text.delta"] == test_faults.PIECES[: fault.pieces]
+        assert error["sequence_number"] == FIRST_DELTA + fault.pieces
+    assert elapsed < 5
+    if fault.id == "too_long":
+        assert elapsed >= float(test_faults.TIMEOUTS["MAX_STREAM_SECONDS"])
+    assert len(fake.requests) == 1
+    assert fake.requests[0].closed.wait(5), "the upstream connection was left open"
+
+
+@pytest.fixture(scope="module")
+def slow_service(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    running = launch(tmp_path_factory.mktemp("responses-timeouts"),
+                     upstream_env(upstream, UPSTREAM_READ_TIMEOUT="0.3", HEARTBEAT_SECONDS="0.1"))
+    yield running
+    running.stop()
+
+
+def test_heartbeats_keep_a_quiet_stream_alive_until_it_times_out(fake: FakeUpstream, slow_service: Service) -> None:
     fake.expect(Reply(pieces=PIECES, stall_after=2))
     with httpx.stream("POST", f"{slow_service.base_url}/v1/responses", json={"input": "hi", "stream": True}, headers=AUTH, timeout=10) as response:
         body = response.read().decode()
@@ -258,17 +307,6 @@ def test_stalls_time_out_and_heartbeats_keep_quiet_streams_alive(fake: FakeUpstr
     events = whole_sse_events(body)
     assert json.loads(events[-1][1])["code"] == "upstream_timeout"
     assert [json.loads(data)["delta"] for name, data in events if name.endswith(".delta")] == PIECES[:2]
-
-
-def test_retries_happen_before_the_first_byte_only(fake: FakeUpstream, slow_service: Service) -> None:
-    fast = {"retry-after-ms": "10"}
-    fake.expect(Reply(status=503, extra_headers=fast), Reply(pieces=PIECES))
-    events = list(sdk(slow_service).responses.create(model="fake-model", input="hi", stream=True))
-    assert events[-1].type == "response.completed" and len(fake.requests) == 2
-    fake.reset()
-    fake.expect(Reply(pieces=PIECES, drop_after=2), Reply())
-    events = list(sdk(slow_service).responses.create(model="fake-model", input="hi", stream=True))
-    assert events[-1].type == "error" and len(fake.requests) == 1
 
 
 def test_capacity_and_shutdown_are_those_of_chat_completions(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
@@ -289,6 +327,18 @@ def test_capacity_and_shutdown_are_those_of_chat_completions(fake: FakeUpstream,
     assert fake.requests[0].closed.wait(5) and not fake.requests[0].finished
     assert running.process.wait(10) == 0
     release.set()
+
+
+def test_the_log_line_of_a_response(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
+    """Model, usage (the upstream's output_tokens) and, with LOG_CONTENT=1 only, input and text."""
+    running = start_service(upstream_env(fake, LOG_CONTENT="1"))
+    fake.expect(Reply(pieces=PIECES))
+    body = {"input": "penguin question", "stream": True, "model": "other-model"}
+    httpx.post(f"{running.base_url}/v1/responses", json=body, headers={**AUTH, "X-Request-ID": "resp-log-1"}, timeout=10)
+    line = line_for(running, "resp-log-1")
+    assert (line["path"], line["outcome"], line["model"]) == ("/v1/responses", "completed", "other-model")
+    assert (line["chunks"], line["completion_tokens"], line["estimated"]) == (6, 6, False)
+    assert (line["prompt"], line["completion"]) == ("penguin question", WHOLE)
 
 
 # -- the client leaves ------------------------------------------------------------------------------------
