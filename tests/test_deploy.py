@@ -85,6 +85,12 @@ def test_web_concurrency_starts_workers_and_metrics_add_up(fake: FakeUpstream, s
         for _ in range(12):
             # A new connection each time, so the kernel spreads them over the workers.
             assert httpx.post(f"{service.base_url}/chat", json={"message": "hi"}, headers=AUTH).text == "Hello, world!"
-        metrics = http.get("/metrics").text
-    served = [line for line in metrics.splitlines() if line.startswith('relay_requests_total{outcome="completed",route="/chat"')]
-    assert [float(line.rsplit(" ", 1)[1]) for line in served] == [12.0]
+
+        def served() -> list[float]:
+            lines = http.get("/metrics").text.splitlines()
+            return [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith('relay_requests_total{outcome="completed",route="/chat"')]
+
+        # A worker counts a request just after its last byte left, so the last count may still be
+        # on its way when the client already has the answer: wait for it, boundedly.
+        wait_until(lambda: sum(served()) >= 12, timeout=5)
+        assert served() == [12.0]
