@@ -1806,9 +1806,13 @@ def relay_pass_through(request: Request, call: UpstreamCall, response: httpx2.Re
     return RelayResponse(runtime, exchange, framing, produce, [call], slot)
 
 
-def check_input(body: Mapping[str, Any]) -> None:
+def check_response_request(body: Mapping[str, Any]) -> None:
     """A Responses API request's `input`: text, or an array of input items (the upstream judges
-    the items). It may be left out only where the request names its input another way."""
+    the items); it may be left out only where the request names its input another way. And its
+    output limit, `max_output_tokens`."""
+    limit = body.get("max_output_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000_000):
+        raise ServiceError(400, "'max_output_tokens' must be a positive whole number.", param="max_output_tokens")
     if "input" not in body and any(name in body for name in ("previous_response_id", "conversation", "prompt")):
         return
     if not isinstance(body.get("input"), (str, list)):
@@ -1822,7 +1826,7 @@ async def responses(request: Request) -> Response:
     settings = runtime.settings
     admit(request)
     body = await read_json_object(request, settings)
-    check_input(body)
+    check_response_request(body)
     check_sampling(body)
     body.setdefault("model", settings.model)
     slot = take_slot(request)
@@ -2192,7 +2196,8 @@ class DemoModel:
         body = await request.json()
         model = body.get("model") or "demo"
         given = body.get("input")
-        words = demo_words([{"role": "user", "content": given}] if isinstance(given, str) else given or [])
+        items = [{"role": "user", "content": given}] if isinstance(given, str) else [i for i in given or () if isinstance(i, dict)]
+        words = demo_words(items)
         limit = body.get("max_output_tokens") or len(words)
         status = "incomplete" if limit < len(words) else "completed"
         words = words[:limit]

@@ -128,7 +128,8 @@ def test_the_request_body_reaches_the_upstream_field_by_field(fake: FakeUpstream
 @pytest.mark.parametrize(
     ("body", "param"),
     [({"input": 5}, "input"), ({"model": "m"}, "input"), ({"input": {"text": "hi"}}, "input"),
-     ({"input": "hi", "stream": "yes"}, "stream"), ({"input": "hi", "model": ""}, "model")],
+     ({"input": "hi", "stream": "yes"}, "stream"), ({"input": "hi", "model": ""}, "model"),
+     ({"input": "hi", "max_output_tokens": "many"}, "max_output_tokens"), ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens")],
 )
 def test_bad_requests_name_the_field(fake: FakeUpstream, client: httpx.Client, body: dict, param: str) -> None:
     response = client.post("/v1/responses", json=body)
@@ -500,6 +501,8 @@ def test_the_demo_lists_itself_and_answers_the_responses_api(demo: Service) -> N
     assert final.output_text == streamed and final.usage is not None and final.usage.output_tokens == len(kinds) - 8
     whole = client.responses.create(model="demo", input="Why stream?")
     assert whole.output_text == streamed and whole.status == "completed"
+    odd = client.responses.create(model="demo", input=[1, {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}])  # type: ignore[list-item]
+    assert odd.status == "completed" and "(a message with several parts)" in odd.output_text
     cut = list(client.responses.create(model="demo", input="Why stream?", stream=True, max_output_tokens=3))
     assert cut[-1].type == "response.incomplete" and len([e for e in cut if e.type.endswith(".delta")]) == 3
 
