@@ -3,12 +3,14 @@
 A Starlette app (`service:app`) between clients and any OpenAI-compatible upstream (OpenAI, vLLM,
 Ollama, llama.cpp). The blocking `openai.OpenAI` client reads the upstream in anyio worker threads
 (`iterate_in_threadpool`), and a `StreamingResponse` writes each piece to the client as it arrives.
-Around that shape: a client that leaves closes the upstream at once, a full service says so instead
-of queueing in silence, SSE heartbeats keep proxies from dropping quiet streams, and a deploy ends
-open streams with an explicit signal rather than a cut-off sentence.
+Around that shape: a client that leaves closes the upstream (on /chat once a short grace window
+passed in which its reader may resume, on any replica, without asking the model again), a full
+service says so instead of queueing in silence, SSE heartbeats keep proxies from dropping quiet
+streams, and a deploy ends open streams with an explicit signal rather than a cut-off sentence.
 
 The module reads top to bottom: configuration, upstream adapter, framing, observability, load
-shedding, relay, routes, demo model, serving layer, app. Run it with `python service.py` (settings from the environment; see README.md).
+shedding, relay, replay store, resumable answers, routes, demo model, serving layer, app. Run it
+with `python service.py` (settings from the environment; see README.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import os
 import re
 import resource
+import secrets
 import select
 import signal
 import socket
@@ -32,8 +35,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import aclosing, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -41,12 +45,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 import httpcore2
 import httpx2
 import openai
 import prometheus_client
 import prometheus_client.multiprocess
+import redis
+import redis.asyncio
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
@@ -101,6 +108,12 @@ class Settings:
     send_timeout_seconds: float = 30.0
     request_timeout_seconds: float = 15.0
     max_header_bytes: int = 32768
+    redis_url: str | None = None
+    resume_grace_seconds: float = 10.0
+    resume_ttl_seconds: float = 300.0
+    resume_lease_seconds: float = 5.0
+    resume_answer_bytes: int = 1024 * 1024
+    resume_total_bytes: int = 64 * 1024 * 1024
 
     @property
     def demo(self) -> bool:
@@ -138,6 +151,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if log_level not in {"critical", "error", "warning", "info", "debug"}:
         raise ConfigError(f"LOG_LEVEL must be one of critical, error, warning, info, debug, not {log_level!r}")
     api_keys = tuple(key.strip() for key in (text("API_KEYS") or "").split(",") if key.strip())
+    redis_url = text("REDIS_URL")
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, not {redis_url!r}")
     cors_origins = tuple(origin.strip().rstrip("/") for origin in (text("CORS_ORIGINS") or "").split(",") if origin.strip())
     for origin in cors_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
@@ -170,7 +186,15 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         send_timeout_seconds=number("SEND_TIMEOUT_SECONDS", 30.0, 0.1, 3600),
         request_timeout_seconds=number("REQUEST_TIMEOUT_SECONDS", 15.0, 0.1, 3600),
         max_header_bytes=number("MAX_HEADER_BYTES", 32768, 1024, 1024 * 1024, int),
+        redis_url=redis_url,
+        resume_grace_seconds=number("RESUME_GRACE_SECONDS", 10.0, 0, 3600),
+        resume_ttl_seconds=number("RESUME_TTL_SECONDS", 300.0, 1, 7 * 86400),
+        resume_lease_seconds=number("RESUME_LEASE_SECONDS", 5.0, 0.3, 60),
+        resume_answer_bytes=number("RESUME_MAX_ANSWER_BYTES", 1024 * 1024, 1024, 1024**3, int),
+        resume_total_bytes=number("RESUME_MAX_BYTES", 64 * 1024 * 1024, 1024, 64 * 1024**3, int),
     )
+    if settings.resume_total_bytes < settings.resume_answer_bytes:
+        raise ConfigError("RESUME_MAX_BYTES must be at least RESUME_MAX_ANSWER_BYTES: the store must hold one whole answer.")
     if not settings.demo and not settings.api_keys and not settings.allow_anonymous:
         raise ConfigError(
             "API_KEYS is empty, so anyone who can reach this service could spend the upstream's budget. "
@@ -941,42 +965,66 @@ class ResponsesFraming(PassThroughFraming):
         return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
 
 
+@dataclass(frozen=True)
+class AnswerEvent:
+    """One event of a /chat answer, as the replay store keeps it and before any framing: a piece of
+    text ("delta", data {"text"}), the summary that ends the answer ("done"), or the error that
+    ends it ("error", data {"error"}). `seq` counts the answer's events from 1."""
+
+    seq: int
+    kind: str
+    data: dict[str, Any]
+
+
 class ChatFraming(Framing):
-    """/chat as plain text: the raw deltas. A failure leaves the response visibly unfinished."""
+    """/chat as plain text: the raw deltas. A failure leaves the response visibly unfinished.
 
-    def __init__(self, transcript: Transcript) -> None:
-        self.transcript = transcript
+    Every /chat framing writes the events of one answer (stream `stream_id`), fresh or resumed
+    alike; `ending` is the answer's last event once the reader has it."""
 
-    def deltas(self, texts: list[str]) -> bytes:
-        return "".join(texts).encode()
+    preamble = b""  # written before the first event
+
+    def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self.ending: AnswerEvent | None = None
+
+    def deltas(self, events: list[AnswerEvent]) -> bytes:
+        return "".join(event.data["text"] for event in events).encode()
 
 
 class ChatSSEFraming(ChatFraming):
     media_type = "text/event-stream"
     heartbeat = b": ping\n\n"
+    preamble = b"retry: 1000\n\n"  # EventSource reconnects after 1 s, and resumes from its Last-Event-ID
 
-    def deltas(self, texts: list[str]) -> bytes:
-        return b"".join(self._event("delta", {"text": text}) for text in texts)
+    def deltas(self, events: list[AnswerEvent]) -> bytes:
+        return b"".join(self._event(event) for event in events)
 
     def done(self) -> bytes:
-        return self._event("done", self.transcript.summary())
+        assert self.ending is not None
+        return self._event(self.ending)
 
     def error_frame(self, failure: StreamFailure) -> bytes:
-        return self._event("error", {"error": failure.error()})
+        if self.ending is not None and self.ending.kind == "error":
+            return self._event(self.ending)
+        return self._event(AnswerEvent(0, "error", {"error": failure.error()}))  # the reader's own ending
 
-    @staticmethod
-    def _event(name: str, data: dict[str, Any]) -> bytes:
-        return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    def _event(self, event: AnswerEvent) -> bytes:
+        data = json.dumps(event.data, ensure_ascii=False)
+        if not event.seq:
+            return f"event: {event.kind}\ndata: {data}\n\n".encode()
+        return f"id: {self.stream_id}.{event.seq}\nevent: {event.kind}\ndata: {data}\n\n".encode()
 
 
 class ChatNDJSONFraming(ChatFraming):
     media_type = "application/x-ndjson"
 
-    def deltas(self, texts: list[str]) -> bytes:
-        return b"".join(self._line({"type": "delta", "text": text}) for text in texts)
+    def deltas(self, events: list[AnswerEvent]) -> bytes:
+        return b"".join(self._line({"type": "delta", "text": event.data["text"]}) for event in events)
 
     def done(self) -> bytes:
-        return self._line({"type": "done", **self.transcript.summary()})
+        assert self.ending is not None
+        return self._line({"type": "done", **self.ending.data})
 
     def error_frame(self, failure: StreamFailure) -> bytes:
         return self._line({"type": "error", "error": failure.error()})
@@ -1005,6 +1053,9 @@ OUTCOMES = {
     "stream_timeout": "timeout",
     "shutdown": "shutdown",
     "server_error": "error",
+    "cancelled": "cancelled",
+    "abandoned": "client_disconnected",
+    "replay_unavailable": "error",
 }
 
 class Metrics:
@@ -1133,6 +1184,15 @@ def log_connection_answer(status: int, outcome: str) -> None:
     write_log_line({"request_id": uuid.uuid4().hex, "method": None, "path": None, "status": status, "outcome": outcome})
 
 
+STREAM_PATH = re.compile(r"/chat/streams/([^/]*)")
+
+
+def loggable_path(path: str) -> str:
+    """The path as logs show it: a stream id is a capability, so only its digest appears."""
+    matched = STREAM_PATH.fullmatch(path)
+    return path if matched is None else f"/chat/streams/{stream_digest(matched[1])[:12]}"
+
+
 def exchange_of(request: Request) -> Exchange:
     exchange: Exchange = request.scope["state"]["exchange"]
     return exchange
@@ -1151,7 +1211,7 @@ class RequestLog:
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
-        exchange = Exchange(request_id, scope["method"], scope["path"], time.monotonic())
+        exchange = Exchange(request_id, scope["method"], loggable_path(scope["path"]), time.monotonic())
         scope.setdefault("state", {})["exchange"] = exchange
 
         async def send_with_id(message: Message) -> None:
@@ -1312,6 +1372,9 @@ class Runtime:
     shutting_down: anyio.Event | None = None
     demo: DemoModel | None = None
     model_listings: ModelsCache = field(default_factory=lambda: ModelsCache())
+    replay: ReplayStore | None = None
+    producers: dict[str, AnswerProducer] = field(default_factory=dict)  # the answers this process reads from the upstream
+    producing: anyio.abc.TaskGroup | None = None  # where they run: they outlive the request that started them
 
 
 class Slot:
@@ -1355,9 +1418,16 @@ class RelayResponse(StreamingResponse):
     """
 
     def __init__(
-        self, runtime: Runtime, exchange: Exchange, framing: Framing, produce: Producer, calls: list[UpstreamCall], slot: Slot
+        self,
+        runtime: Runtime,
+        exchange: Exchange,
+        framing: Framing,
+        produce: Producer,
+        calls: list[UpstreamCall],
+        slot: Slot | None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
         if framing.media_type == "text/plain":
             headers["X-Content-Type-Options"] = "nosniff"
         super().__init__((), headers=headers, media_type=framing.media_type)
@@ -1373,7 +1443,8 @@ class RelayResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.abort_upstream()
-            self.slot.release()
+            if self.slot is not None:
+                self.slot.release()
             self.runtime.metrics.active_streams.dec()
             self.exchange.outcome = self.outcome
 
@@ -1408,14 +1479,14 @@ class RelayResponse(StreamingResponse):
                         tasks.cancel_scope.cancel()
                         return  # the client left: there is no one to send an ending to
             if writing.cancel_called:
-                ending = self._cut_short_reason()
+                ending = cut_short(self.runtime.settings, self.shutdown)
             tasks.cancel_scope.cancel()
 
         if ending is None:
             await send({"type": "http.response.body", "body": self.framing.done(), "more_body": False})
             self.outcome = "completed"
             return
-        self.outcome = OUTCOMES[ending.type]
+        self.outcome = OUTCOMES.get(ending.type, "error")
         final = self.framing.error_frame(ending)
         if final is not None:
             await send({"type": "http.response.body", "body": final, "more_body": False})
@@ -1461,11 +1532,12 @@ class RelayResponse(StreamingResponse):
             else:
                 await emit(heartbeat)
 
-    def _cut_short_reason(self) -> StreamFailure:
-        if self.shutdown:
-            return StreamFailure("shutdown", "The service is restarting; the answer was cut short. Retry the request.")
-        seconds = self.runtime.settings.max_stream_seconds
-        return StreamFailure("stream_timeout", f"The answer took longer than MAX_STREAM_SECONDS ({seconds:g} s).")
+
+def cut_short(settings: Settings, shutdown: bool) -> StreamFailure:
+    """Why a stream ends before its answer does: a shutdown, or MAX_STREAM_SECONDS."""
+    if shutdown:
+        return StreamFailure("shutdown", "The service is restarting; the answer was cut short. Retry the request.")
+    return StreamFailure("stream_timeout", f"The answer took longer than MAX_STREAM_SECONDS ({settings.max_stream_seconds:g} s).")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1671,6 +1743,606 @@ def negotiate(accept: str) -> str:
     raise ServiceError(
         406, "Accept one of text/plain, text/event-stream or application/x-ndjson.", code="not_acceptable"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Replay store: where the events of /chat answers live, so that a reader whose connection dropped
+# picks up where it left off, on any worker or replica, without asking the model again.
+#
+# A /chat answer is read from the upstream by a producer (next section) that appends its events
+# here; every reader, the one that asked included, follows them from here and frames them for its
+# own Accept. By default the events live in this process's memory, bounded in time and bytes; with
+# REDIS_URL, in Redis Streams, so that any process can serve a resume, and a lease key that the
+# producing process keeps fresh tells readers when that process died.
+# ------------------------------------------------------------------------------------------------
+
+STREAM_ID_BYTES = 18  # 144 random bits, URL-safe, no "." (which separates the id from the sequence)
+FOLLOW_POLL_SECONDS = 1.0  # how long a Redis reader blocks before it looks at the producer's lease
+
+
+def new_stream_id() -> str:
+    return secrets.token_urlsafe(STREAM_ID_BYTES)
+
+
+def stream_digest(stream_id: str) -> str:
+    """What logs and Redis keys show of a stream id: naming the answer, useless for resuming it."""
+    return hashlib.sha256(stream_id.encode()).hexdigest()[:32]
+
+
+def owner_digest(request: Request, settings: Settings) -> bytes:
+    """Whose answer this is: the digest of the client's key, or one value for all without keys
+    (then the unguessable stream id is the capability)."""
+    if not settings.api_keys:
+        return b"anyone"
+    presented = request.headers.get("authorization", "").partition(" ")[2].strip()
+    return hashlib.sha256(presented.encode()).digest()
+
+
+def event_bytes(event: AnswerEvent) -> int:
+    """About what an event costs to keep; text dominates, the rest is bookkeeping."""
+    return 64 + len(event.data.get("text", "")) * 4 if event.kind == "delta" else 512
+
+
+class ReplayStoreUnavailable(Exception):
+    """The replay store (Redis) cannot be reached or failed."""
+
+
+def replay_lost(message: str) -> StreamFailure:
+    return StreamFailure("replay_unavailable", message)
+
+
+class ReplayStore:
+    """The interface of both stores, and who reads which answer in this process.
+
+    Presence is what keeps an answer going: its producer stops RESUME_GRACE_SECONDS after the last
+    reader left. Readers in this process count at once (join/leave, and `presence_changed` wakes
+    the producer); the Redis store adds the readers of other processes.
+    """
+
+    kind = "none"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._readers: dict[str, int] = {}
+        self._presence: dict[str, anyio.Event] = {}
+
+    def join(self, stream_id: str) -> None:
+        self._readers[stream_id] = self._readers.get(stream_id, 0) + 1
+        self._signal_presence(stream_id)
+
+    def leave(self, stream_id: str) -> None:
+        left = self._readers.get(stream_id, 1) - 1
+        if left:
+            self._readers[stream_id] = left
+        else:
+            self._readers.pop(stream_id, None)
+        self._signal_presence(stream_id)
+
+    def local_readers(self, stream_id: str) -> int:
+        return self._readers.get(stream_id, 0)
+
+    def presence_changed(self, stream_id: str) -> anyio.Event:
+        return self._presence.setdefault(stream_id, anyio.Event())
+
+    def _signal_presence(self, stream_id: str) -> None:
+        event = self._presence.pop(stream_id, None)
+        if event is not None:
+            event.set()
+
+    async def readers(self, stream_id: str) -> int:
+        """Readers of the answer anywhere."""
+        return self.local_readers(stream_id)
+
+    async def keep_present(self, stream_id: str) -> None:
+        """Run by each reader while it reads: tells producers in other processes it is there."""
+
+    async def start(self) -> None:
+        """Check the store can be used; raises ConfigError if not."""
+
+    async def close(self) -> None:
+        pass
+
+    async def open(self, stream_id: str, owner: bytes) -> None:
+        raise NotImplementedError
+
+    async def append(self, stream_id: str, events: list[AnswerEvent]) -> None:
+        raise NotImplementedError
+
+    async def end(self, stream_id: str) -> None:
+        """The answer's last event is in: keep it RESUME_TTL_SECONDS more, then forget it."""
+        raise NotImplementedError
+
+    async def owner(self, stream_id: str) -> bytes | None:
+        """Whose answer it is; None if there is no such answer (any more)."""
+        raise NotImplementedError
+
+    def follow(self, stream_id: str, after: int) -> AsyncGenerator[list[AnswerEvent], None]:
+        """Every event after `after`, in batches, then the live ones until the last; raises
+        StreamFailure when events the reader lacks are gone or the producer died."""
+        raise NotImplementedError
+
+    async def hold_lease(self, stream_id: str, cancel: Callable[[], None]) -> None:
+        """Run by the producer for as long as it produces: calls `cancel` when another process
+        asks to stop the answer."""
+
+    async def request_cancel(self, stream_id: str) -> None:
+        """Ask the producer in another process to stop the answer."""
+
+    def usage(self) -> dict[str, Any]:
+        return {"store": self.kind}
+
+
+@dataclass
+class _MemoryAnswer:
+    owner: bytes
+    events: list[AnswerEvent] = field(default_factory=list)
+    size: int = 0
+    ended: bool = False
+    dropped: bool = False  # evicted to keep the store within RESUME_MAX_BYTES
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    positions: dict[object, int] = field(default_factory=dict)  # of the readers following it: the last seq each has
+
+    def first_seq(self) -> int:
+        return self.events[0].seq if self.events else 0
+
+    def drop_oldest(self, target: int) -> int:
+        """Forget the oldest events (keeping the last, and what a reader following the answer has
+        yet to read) until at most `target` bytes are kept."""
+        read_by_all = min(self.positions.values(), default=math.inf)
+        count = freed = 0
+        while count < len(self.events) - 1 and self.size - freed > target and self.events[count].seq <= read_by_all:
+            freed += event_bytes(self.events[count])
+            count += 1
+        del self.events[:count]
+        self.size -= freed
+        return freed
+
+
+class MemoryReplayStore(ReplayStore):
+    """Events in this process's memory: RESUME_MAX_ANSWER_BYTES per answer and RESUME_MAX_BYTES in
+    all, oldest dropped first, except what a connected reader has yet to read; an ended answer is
+    forgotten RESUME_TTL_SECONDS after its end."""
+
+    kind = "memory"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._answers: dict[str, _MemoryAnswer] = {}  # oldest first
+        self._expiries: deque[tuple[float, str]] = deque()  # ended answers, in the order they end
+        self._bytes = 0
+
+    def _forget_expired(self) -> None:
+        now = time.monotonic()
+        while self._expiries and self._expiries[0][0] <= now:
+            self._drop(self._expiries.popleft()[1])
+
+    def _drop(self, stream_id: str) -> None:
+        answer = self._answers.pop(stream_id, None)
+        if answer is not None:
+            self._bytes -= answer.size
+            answer.dropped = True
+            answer.changed.set()
+
+    async def open(self, stream_id: str, owner: bytes) -> None:
+        self._forget_expired()
+        self._answers[stream_id] = _MemoryAnswer(owner)
+
+    async def append(self, stream_id: str, events: list[AnswerEvent]) -> None:
+        answer = self._answers.get(stream_id)
+        if answer is None:
+            return  # evicted whole: its readers were told
+        added = sum(event_bytes(event) for event in events)
+        answer.events += events
+        answer.size += added
+        self._bytes += added
+        if answer.size > self.settings.resume_answer_bytes:
+            # Down to three quarters, so that a long answer trims now and then, not on every event.
+            self._bytes -= answer.drop_oldest(self.settings.resume_answer_bytes * 3 // 4)
+        if self._bytes > self.settings.resume_total_bytes:
+            self._evict(self.settings.resume_total_bytes * 3 // 4)
+        answer.changed.set()
+        answer.changed = anyio.Event()
+
+    def _evict(self, target: int) -> None:
+        """Oldest answers first: an ended one goes whole, a running one keeps only its newest."""
+        for stream_id, answer in list(self._answers.items()):
+            if self._bytes <= target:
+                return
+            if answer.ended and not answer.positions:
+                self._drop(stream_id)
+            else:
+                self._bytes -= answer.drop_oldest(max(0, answer.size - (self._bytes - target)))
+
+    async def end(self, stream_id: str) -> None:
+        answer = self._answers.get(stream_id)
+        if answer is not None:
+            answer.ended = True
+            self._expiries.append((time.monotonic() + self.settings.resume_ttl_seconds, stream_id))
+
+    async def owner(self, stream_id: str) -> bytes | None:
+        self._forget_expired()
+        answer = self._answers.get(stream_id)
+        return None if answer is None else answer.owner
+
+    async def follow(self, stream_id: str, after: int) -> AsyncGenerator[list[AnswerEvent], None]:
+        answer = self._answers.get(stream_id)
+        if answer is None:
+            raise replay_lost("The answer is no longer kept.")
+        reader = object()
+        try:
+            while True:
+                if answer.dropped or (answer.events and answer.first_seq() > after + 1):
+                    raise replay_lost("The service no longer keeps the part of the answer this reader lacks.")
+                answer.positions[reader] = after
+                start = after + 1 - answer.first_seq() if answer.events else 0
+                if answer.ended and start >= len(answer.events):
+                    raise replay_lost("The answer has no events after that one.")
+                if start < len(answer.events):
+                    batch = answer.events[start:]
+                    yield batch
+                    if batch[-1].kind != "delta":
+                        return
+                    after = batch[-1].seq
+                    continue
+                await answer.changed.wait()
+        finally:
+            answer.positions.pop(reader, None)
+
+    def usage(self) -> dict[str, Any]:
+        return {"store": self.kind, "answers": len(self._answers), "bytes": self._bytes, "max_bytes": self.settings.resume_total_bytes}
+
+
+class RedisReplayStore(ReplayStore):
+    """Events in Redis Streams, shared by every worker and replica that uses the same Redis.
+
+    Per answer (keys named by the id's digest): a stream of batches, each entry's id is the last
+    sequence number it holds, so that XREAD after "<n>-0" returns exactly the batches with events
+    after n; a hash with the owner's digest, the first sequence kept and a cancel request; a lease
+    key that only the producing process renews; a sorted set of readers, scored by when their
+    presence lapses. Everything expires: RESUME_TTL_SECONDS after the end, or MAX_STREAM_SECONDS
+    later if the producer vanished without ending.
+    """
+
+    kind = "redis"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        assert settings.redis_url is not None
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=2 * settings.max_streams + 32,  # a blocked XREAD per reader, and the producers'
+            timeout=10,  # the longest wait for a free connection
+            socket_timeout=FOLLOW_POLL_SECONDS + 4,
+            socket_connect_timeout=5,
+        )
+        self.redis = redis.asyncio.Redis(connection_pool=pool)
+        self._sizes: dict[str, deque[tuple[int, int]]] = {}  # per answer produced here: (last seq, bytes) per entry
+        self._kept: dict[str, int] = {}
+
+    @staticmethod
+    def _keys(stream_id: str) -> tuple[str, str, str, str]:
+        base = f"relay:answer:{{{stream_digest(stream_id)}}}"  # one hash slot for all four, as Redis Cluster wants
+        return f"{base}:events", f"{base}:meta", f"{base}:lease", f"{base}:readers"
+
+    @asynccontextmanager
+    async def _reaching(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except redis.RedisError as error:
+            raise ReplayStoreUnavailable(f"the replay store failed: {error.__class__.__name__}") from None
+
+    async def start(self) -> None:
+        try:
+            await self.redis.ping()
+        except redis.RedisError as error:
+            raise ConfigError(f"REDIS_URL: cannot use Redis there ({error}).") from None
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    def _lease_ms(self) -> int:
+        return int(self.settings.resume_lease_seconds * 1000)
+
+    def _running_ms(self) -> int:
+        return int((self.settings.resume_ttl_seconds + self.settings.max_stream_seconds) * 1000)
+
+    async def open(self, stream_id: str, owner: bytes) -> None:
+        events, meta, lease, _ = self._keys(stream_id)
+        async with self._reaching(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(meta, mapping={"owner": owner.hex(), "first": 1})
+            pipe.pexpire(meta, self._running_ms())
+            pipe.set(lease, 1, px=self._lease_ms())
+            await pipe.execute()
+        self._sizes[stream_id], self._kept[stream_id] = deque(), 0
+
+    async def append(self, stream_id: str, events: list[AnswerEvent]) -> None:
+        key, meta, _, _ = self._keys(stream_id)
+        last = events[-1].seq
+        size = sum(event_bytes(event) for event in events)
+        sizes = self._sizes[stream_id]
+        sizes.append((last, size))
+        self._kept[stream_id] += size
+        async with self._reaching(), self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {"e": json.dumps([[e.seq, e.kind, e.data] for e in events], ensure_ascii=False)}, id=f"{last}-0")
+            if len(sizes) == 1:
+                pipe.pexpire(key, self._running_ms())
+            if self._kept[stream_id] > self.settings.resume_answer_bytes and len(sizes) > 1:
+                while len(sizes) > 1 and self._kept[stream_id] > self.settings.resume_answer_bytes * 3 // 4:
+                    self._kept[stream_id] -= sizes.popleft()[1]
+                first_kept = sizes[0][0]
+                pipe.xtrim(key, minid=f"{first_kept}-0")
+                pipe.hset(meta, "first", first_kept)  # an upper bound of the first sequence kept
+            await pipe.execute()
+
+    async def end(self, stream_id: str) -> None:
+        events, meta, lease, readers = self._keys(stream_id)
+        self._sizes.pop(stream_id, None)
+        self._kept.pop(stream_id, None)
+        ttl = int(self.settings.resume_ttl_seconds * 1000)
+        async with self._reaching(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.pexpire(events, ttl)
+            pipe.pexpire(meta, ttl)
+            pipe.delete(lease, readers)
+            await pipe.execute()
+
+    async def owner(self, stream_id: str) -> bytes | None:
+        _, meta, _, _ = self._keys(stream_id)
+        async with self._reaching():
+            owner = await self.redis.hget(meta, "owner")
+        return None if owner is None else bytes.fromhex(owner.decode())
+
+    async def follow(self, stream_id: str, after: int) -> AsyncGenerator[list[AnswerEvent], None]:
+        key, meta, lease, _ = self._keys(stream_id)
+        async with self._reaching():
+            first = await self.redis.hget(meta, "first")
+        if first is None or int(first) > after + 1:
+            raise replay_lost("The service no longer keeps the part of the answer this reader lacks.")
+        cursor, waited_on_lease = f"{after}-0", False
+        while True:
+            async with self._reaching():
+                reply = await self.redis.xread({key: cursor}, count=256, block=int(FOLLOW_POLL_SECONDS * 1000))
+                if reply:
+                    waited_on_lease = False
+                else:
+                    if waited_on_lease:
+                        raise replay_lost("The process producing this answer stopped; ask again.")
+                    # Silence: fine while the producer lives; once its lease lapsed, one more look
+                    # for what it may have written just before.
+                    waited_on_lease = not await self.redis.exists(lease)
+                    continue
+            for entry_id, fields in reply[0][1]:
+                cursor = entry_id
+                batch = [AnswerEvent(seq, kind, data) for seq, kind, data in json.loads(fields[b"e"]) if seq > after]
+                if not batch:
+                    continue
+                if batch[0].seq != after + 1:
+                    raise replay_lost("The service no longer keeps the part of the answer this reader lacks.")
+                yield batch
+                if batch[-1].kind != "delta":
+                    return
+                after = batch[-1].seq
+
+    async def hold_lease(self, stream_id: str, cancel: Callable[[], None]) -> None:
+        _, meta, lease, _ = self._keys(stream_id)
+        while True:
+            await anyio.sleep(self.settings.resume_lease_seconds / 3)
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(lease, 1, px=self._lease_ms())
+                    pipe.hget(meta, "cancel")
+                    _, cancelled = await pipe.execute()
+            except redis.RedisError:
+                log.warning("renewing the lease of answer %s failed", stream_digest(stream_id))
+                continue
+            if cancelled is not None:
+                cancel()
+
+    async def request_cancel(self, stream_id: str) -> None:
+        _, meta, _, _ = self._keys(stream_id)
+        async with self._reaching():
+            await self.redis.hset(meta, "cancel", 1)
+
+    async def readers(self, stream_id: str) -> int:
+        local = self.local_readers(stream_id)
+        if local:
+            return local
+        async with self._reaching():
+            return int(await self.redis.zcount(self._keys(stream_id)[3], time.time(), "+inf"))
+
+    async def keep_present(self, stream_id: str) -> None:
+        readers = self._keys(stream_id)[3]
+        token = secrets.token_hex(8)
+        lease = self.settings.resume_lease_seconds
+        try:
+            while True:
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.zadd(readers, {token: time.time() + lease})
+                        pipe.pexpire(readers, self._lease_ms())
+                        await pipe.execute()
+                except redis.RedisError:
+                    pass  # then this reader's own reads fail too, and it ends
+                await anyio.sleep(lease / 3)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                try:
+                    await self.redis.zrem(readers, token)
+                except redis.RedisError:
+                    pass  # it lapses by itself within RESUME_LEASE_SECONDS
+
+    def usage(self) -> dict[str, Any]:
+        return {"store": self.kind}
+
+
+def make_replay_store(settings: Settings) -> ReplayStore:
+    return RedisReplayStore(settings) if settings.redis_url else MemoryReplayStore(settings)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resumable answers: a /chat answer is read from the upstream by a producer that outlives the
+# request that started it, into the replay store, and every reader follows it from there.
+#
+# The producer stops when the answer ends, when it is cancelled (DELETE), at MAX_STREAM_SECONDS or
+# shutdown, and RESUME_GRACE_SECONDS after its last reader left: long enough for a dropped
+# connection to come back, short enough that nobody pays long for an answer nobody reads.
+# ------------------------------------------------------------------------------------------------
+
+PRESENCE_POLL_SECONDS = 0.25  # how often a producer without local readers asks after remote ones
+AnswerSource = Callable[[Callable[[list[str]], Awaitable[None]]], Awaitable[dict[str, Any]]]
+
+
+class AnswerProducer:
+    """Runs `source` (which reads the upstream and hands each batch of text to `emit`, and returns
+    the summary for the done event) into the replay store, and always ends the answer there with
+    a done or error event."""
+
+    def __init__(self, runtime: Runtime, stream_id: str, source: AnswerSource, calls: list[UpstreamCall], slot: Slot) -> None:
+        assert runtime.replay is not None
+        self.runtime, self.store, self.stream_id = runtime, runtime.replay, stream_id
+        self.source, self.calls, self.slot = source, calls, slot
+        self.seq = 0
+        self.stopped: StreamFailure | None = None
+        self.finished = anyio.Event()
+
+    def stop(self, reason: StreamFailure) -> None:
+        if self.stopped is None:
+            self.stopped = reason
+        for call in self.calls:
+            call.abort()
+
+    def cancel(self) -> None:
+        self.stop(StreamFailure("cancelled", "The answer was stopped on request."))
+
+    async def emit(self, texts: list[str]) -> None:
+        events = [AnswerEvent(self.seq + number, "delta", {"text": text}) for number, text in enumerate(texts, 1)]
+        self.seq += len(events)
+        await self.store.append(self.stream_id, events)
+
+    async def run(self) -> None:
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._stop_when_due)
+                tasks.start_soon(self._stop_when_abandoned)
+                tasks.start_soon(self.store.hold_lease, self.stream_id, self.cancel)
+                kind, data = await self._produce()
+                tasks.cancel_scope.cancel()
+            self.seq += 1
+            await self.store.append(self.stream_id, [AnswerEvent(self.seq, kind, data)])
+            await self.store.end(self.stream_id)
+        except ReplayStoreUnavailable as error:
+            log.warning("answer %s ended without its last event: %s", stream_digest(self.stream_id), error)
+        except Exception:
+            log.exception("producing answer %s failed", stream_digest(self.stream_id))
+        finally:
+            for call in self.calls:
+                call.abort()
+            self.slot.release()
+            self.runtime.producers.pop(self.stream_id, None)
+            self.finished.set()
+
+    async def _produce(self) -> tuple[str, dict[str, Any]]:
+        try:
+            return "done", await self.source(self.emit)
+        except StreamFailure as error:
+            failure = error
+        except ClientGone:
+            failure = self.stopped or StreamFailure("abandoned", "The answer was stopped.")
+        except Exception:
+            log.exception("relaying answer %s failed", stream_digest(self.stream_id))
+            failure = StreamFailure("server_error", "The service failed while relaying the answer; the error was logged.")
+        return "error", {"error": failure.error()}
+
+    async def _stop_when_due(self) -> None:
+        settings, shutting_down = self.runtime.settings, self.runtime.shutting_down
+        assert shutting_down is not None
+        with anyio.move_on_after(settings.max_stream_seconds):
+            await shutting_down.wait()
+            await anyio.sleep(settings.shutdown_grace_seconds)
+            self.stop(cut_short(settings, shutdown=True))
+            return
+        self.stop(cut_short(settings, shutdown=False))
+
+    async def _stop_when_abandoned(self) -> None:
+        grace = self.runtime.settings.resume_grace_seconds
+        absent_since: float | None = None
+        while True:
+            changed = self.store.presence_changed(self.stream_id)
+            wait = math.inf
+            if not self.store.local_readers(self.stream_id):
+                try:
+                    present = grace > 0 and await self.store.readers(self.stream_id) > 0
+                except ReplayStoreUnavailable:
+                    present = False
+                now = time.monotonic()
+                absent_since = None if present else (absent_since or now)
+                if absent_since is not None and now - absent_since >= grace:
+                    self.stop(StreamFailure("abandoned", f"Nobody read the answer for RESUME_GRACE_SECONDS ({grace:g} s), so it was stopped."))
+                    return
+                wait = PRESENCE_POLL_SECONDS if absent_since is None else min(PRESENCE_POLL_SECONDS, absent_since + grace - now)
+            else:
+                absent_since = None
+            with anyio.move_on_after(wait):
+                await changed.wait()
+
+
+class AnswerReader(RelayResponse):
+    """One reader of an answer: its events after `after` from the replay store, framed for the
+    reader's Accept, then the live ones to the end. The fresh answer's own reader is one too, so a
+    resumed answer looks exactly like the rest of a fresh one."""
+
+    def __init__(
+        self, runtime: Runtime, exchange: Exchange, framing: ChatFraming, stream_id: str, after: int, asked: AnswerProducer | None = None
+    ) -> None:
+        assert runtime.replay is not None
+        self.store, self.stream_id, self.after, self.chat_framing = runtime.replay, stream_id, after, framing
+        self.asked = asked  # the producer this request started, if it did
+        self.store.join(stream_id)  # from now on: the producer may start before this response does
+        super().__init__(runtime, exchange, framing, self._follow, [], None, {"X-Stream-ID": stream_id})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.store.leave(self.stream_id)
+            if self.asked is not None:
+                # The request that asked is logged with what the answer cost, known once it ended
+                # (within the grace window, if its reader left and nobody came back).
+                settings = self.runtime.settings
+                with anyio.CancelScope(shield=True), anyio.move_on_after(settings.resume_grace_seconds + settings.shutdown_grace_seconds + 5):
+                    await self.asked.finished.wait()
+
+    async def _follow(self, emit: Callable[[bytes], Awaitable[None]]) -> None:
+        if self.chat_framing.preamble:
+            await emit(self.chat_framing.preamble)
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self.store.keep_present, self.stream_id)
+            try:
+                await self._relay(emit)
+            except Exception as error:  # raised below, outside the task group, so not as a group
+                failure = error
+            finally:
+                tasks.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _relay(self, emit: Callable[[bytes], Awaitable[None]]) -> None:
+        framing, exchange = self.chat_framing, self.exchange
+        try:
+            async with aclosing(self.store.follow(self.stream_id, self.after)) as following:
+                async for events in following:
+                    ending = events[-1] if events[-1].kind != "delta" else None
+                    deltas = events[:-1] if ending is not None else events
+                    if deltas:
+                        await emit(framing.deltas(deltas))
+                        exchange.pieces_sent(len(deltas))
+                    if ending is not None:
+                        framing.ending = ending
+                        if ending.kind == "error":
+                            raise StreamFailure(ending.data["error"]["type"], ending.data["error"]["message"])
+                        return
+        except ReplayStoreUnavailable as error:
+            raise replay_lost(f"The answer cannot be read: {error}.") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1962,9 +2634,16 @@ async def chat_fields(request: Request, settings: Settings) -> dict[str, Any]:
 
 @handle_errors
 async def chat(request: Request) -> Response:
-    """POST /chat {"message": ...} and GET /chat?q=...: the answer's text, framed as Accept asks."""
+    """POST /chat {"message": ...} and GET /chat?q=...: the answer's text, framed as Accept asks.
+    With Last-Event-ID (EventSource reconnecting), the rest of that answer, never a new one."""
     runtime, exchange = runtime_of(request), exchange_of(request)
-    settings = runtime.settings
+    settings, store = runtime.settings, runtime.replay
+    assert store is not None and runtime.producing is not None
+    last_event_id = request.headers.get("last-event-id")
+    if last_event_id is not None:
+        authenticate(request, settings)
+        stream_id, after = parse_last_event_id(last_event_id)
+        return await resume(request, negotiate(request.headers.get("accept", "")), stream_id, after)
     admit(request)
     framing_name = negotiate(request.headers.get("accept", ""))
     upstream_body, continuations = chat_request(await chat_fields(request, settings), settings)
@@ -1974,11 +2653,18 @@ async def chat(request: Request) -> Response:
     except BaseException:
         slot.release()
         raise
+    stream_id = new_stream_id()
+    try:
+        await store.open(stream_id, owner_digest(request, settings))
+    except ReplayStoreUnavailable:
+        slot.release()
+        call.abort()
+        await anyio.to_thread.run_sync(response.close)  # so that its pooled connection is let go
+        raise replay_store_down() from None
     transcript = Transcript()
-    framing = CHAT_FRAMINGS[framing_name](transcript)
     calls = [call]
 
-    async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
+    async def source(emit: Callable[[list[str]], Awaitable[None]]) -> dict[str, Any]:
         round_call, round_response = call, response
         while True:
             _serving.set(round_call)
@@ -1986,8 +2672,7 @@ async def chat(request: Request) -> Response:
                 async for payloads in iterate_in_threadpool(upstream_events(round_call, round_response)):
                     texts = transcript.read(payloads)
                     if texts:
-                        await emit(framing.deltas(texts))
-                        exchange.pieces_sent(len(texts))
+                        await emit(texts)
                     if transcript.failure is not None:
                         raise transcript.failure
                 if not transcript.ended and transcript.finish_reason is None:
@@ -1995,23 +2680,98 @@ async def chat(request: Request) -> Response:
             finally:
                 # Whatever the model said reaches the reader, also ahead of an error.
                 held = transcript.end_round()
-                exchange.usage = transcript.usage
+                exchange.usage = transcript.usage  # the answer's cost is logged once, with the request that asked
                 exchange.completion = transcript.text if settings.log_content else None
                 if held:
-                    await emit(framing.deltas(held))
-                    exchange.pieces_sent(len(held))
+                    await emit(held)
             if transcript.finish_reason != "length" or transcript.continuations >= continuations:
-                return
-            # The output limit cut the answer: ask for the rest and stream it into the same response.
+                return transcript.summary()
+            # The output limit cut the answer: ask for the rest and stream it into the same answer.
             round_call = UpstreamCall()
-            calls.append(round_call)  # before it starts, so a disconnect aborts it too
+            calls.append(round_call)  # before it starts, so that stopping the answer aborts it too
             assert runtime.client is not None
             try:
                 round_response = await open_upstream(runtime.client, round_call, transcript.continuation(upstream_body))
             except ServiceError as error:
                 raise StreamFailure(error.type, f"Continuing the answer failed: {error.message}") from None
 
-    return RelayResponse(runtime, exchange, framing, produce, calls, slot)
+    producer = runtime.producers[stream_id] = AnswerProducer(runtime, stream_id, source, calls, slot)
+    reader = AnswerReader(runtime, exchange, CHAT_FRAMINGS[framing_name](stream_id), stream_id, 0, producer)
+    runtime.producing.start_soon(producer.run)
+    return reader
+
+
+def replay_store_down() -> ServiceError:
+    return ServiceError(503, "The service cannot reach its replay store (Redis); retry shortly.", "server_busy", "replay_store_unavailable", headers={"Retry-After": "1"})
+
+
+def parse_last_event_id(value: str) -> tuple[str | None, int]:
+    """`<stream id>.<sequence>` as the SSE events carry it; (None, 0) if it is not one."""
+    stream_id, _, seq = value.strip().rpartition(".")
+    if not STREAM_ID.fullmatch(stream_id) or not SEQUENCE.fullmatch(seq):
+        return None, 0
+    return stream_id, int(seq)
+
+
+STREAM_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+SEQUENCE = re.compile(r"[0-9]{1,9}")
+
+
+async def resume(request: Request, framing_name: str, stream_id: str | None, after: int) -> Response:
+    """Follow an answer from event `after` on. One that does not exist (any more), or is another
+    key's, gets 204 on SSE, which tells EventSource to stop reconnecting, and 404 otherwise."""
+    runtime = runtime_of(request)
+    if stream_id is None or not await is_owner(request, stream_id):
+        if framing_name == "text/event-stream":
+            return Response(status_code=204)
+        raise ServiceError(404, f"No such answer: it never existed, or ended more than RESUME_TTL_SECONDS ({runtime.settings.resume_ttl_seconds:g} s) ago.", code="stream_not_found")
+    return AnswerReader(runtime, exchange_of(request), CHAT_FRAMINGS[framing_name](stream_id), stream_id, after)
+
+
+async def is_owner(request: Request, stream_id: str) -> bool:
+    """Whether the answer exists and the request's key started it (to any other key it does not exist)."""
+    runtime = runtime_of(request)
+    assert runtime.replay is not None
+    try:
+        owner = await runtime.replay.owner(stream_id)
+    except ReplayStoreUnavailable:
+        raise replay_store_down() from None
+    return owner is not None and hmac.compare_digest(owner, owner_digest(request, runtime.settings))
+
+
+@handle_errors
+async def answer_stream(request: Request) -> Response:
+    """GET /chat/streams/{id}?after=n: the answer's events after n (default: after Last-Event-ID's,
+    else all), framed as Accept asks. DELETE /chat/streams/{id}: stop the answer now."""
+    runtime = runtime_of(request)
+    authenticate(request, runtime.settings)
+    stream_id = request.path_params["stream_id"]
+    if request.method == "DELETE":
+        if not STREAM_ID.fullmatch(stream_id) or not await is_owner(request, stream_id):
+            raise ServiceError(404, "No such answer to stop.", code="stream_not_found")
+        producer = runtime.producers.get(stream_id)
+        if producer is not None:
+            producer.cancel()
+        else:  # produced by another process, or over
+            assert runtime.replay is not None
+            try:
+                await runtime.replay.request_cancel(stream_id)
+            except ReplayStoreUnavailable:
+                raise replay_store_down() from None
+        return Response(status_code=204)
+    framing_name = negotiate(request.headers.get("accept", ""))
+    unknown = set(request.query_params) - {"after"}
+    if unknown:
+        raise ServiceError(400, f"Unknown query parameter(s): {', '.join(sorted(unknown))}. This route takes after.", param=sorted(unknown)[0])
+    after_text = request.query_params.get("after")
+    if after_text is not None:
+        if not SEQUENCE.fullmatch(after_text):
+            raise ServiceError(400, "'after' must be the sequence number of the last event received (0 for all).", param="after")
+        after = int(after_text)
+    else:
+        resumed_id, after = parse_last_event_id(request.headers.get("last-event-id", ""))
+        after = after if resumed_id == stream_id else 0
+    return await resume(request, framing_name, stream_id if STREAM_ID.fullmatch(stream_id) else None, after)
 
 
 async def healthz(request: Request) -> Response:
@@ -2026,6 +2786,7 @@ async def healthz(request: Request) -> Response:
             "active_streams": int(runtime.streams.borrowed_tokens),
             "max_streams": settings.max_streams,
             **runtime.shedder.report(int(runtime.streams.borrowed_tokens)),
+            "replay": runtime.replay.usage() if runtime.replay is not None else None,
         }
     )
 
@@ -2510,6 +3271,7 @@ def create_app(settings: Settings) -> Starlette:
             runtime.demo = DemoModel(settings.demo_seconds_per_word).start()
             log.warning("No OPENAI_API_KEY or OPENAI_BASE_URL: answering from the built-in DEMO model (not a real model).")
         runtime.client = make_openai_client(settings, runtime.demo.base_url if runtime.demo else settings.openai_base_url)
+        runtime.replay = make_replay_store(settings)
         # Everything built so far lives as long as the process: the cyclic collector need not walk
         # it again, and with a higher first threshold it runs less often under per-token garbage.
         gc.collect()
@@ -2520,10 +3282,18 @@ def create_app(settings: Settings) -> Starlette:
             asyncio.ensure_future(keep_worker_threads_ready()),
         ]
         try:
-            yield
+            await runtime.replay.start()
+            async with anyio.create_task_group() as runtime.producing:
+                try:
+                    yield
+                finally:
+                    # Answers nobody reads any more (uvicorn waited for the readers) end here.
+                    for producer in list(runtime.producers.values()):
+                        producer.stop(cut_short(settings, shutdown=True))
         finally:
             for task in background:
                 task.cancel()
+            await runtime.replay.close()
             runtime.client.close()
             if runtime.demo is not None:
                 runtime.demo.stop()
@@ -2536,8 +3306,8 @@ def create_app(settings: Settings) -> Starlette:
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["Authorization", "Content-Type"],
-                expose_headers=["Retry-After"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                expose_headers=["Retry-After", "X-Stream-ID"],
                 max_age=600,
             )
         )
@@ -2553,6 +3323,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", models, methods=["GET"]),
             Route("/chat", chat, methods=["GET", "POST"]),
+            Route("/chat/streams/{stream_id}", answer_stream, methods=["GET", "DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", handle_errors(metrics), methods=["GET"]),
         ],
@@ -2576,8 +3347,19 @@ app = create_app(settings)
 
 def main() -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(message)s")
+    if settings.redis_url is not None:
+        try:
+            redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5).ping()
+        except redis.RedisError as error:
+            sys.exit(f"service: configuration error: REDIS_URL: cannot use Redis there ({error}).")
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit 0 then, as process runners expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    if settings.workers > 1 and settings.redis_url is None:
+        log.warning(
+            "WEB_CONCURRENCY=%d without REDIS_URL: each worker keeps its own answers, so a resume "
+            "(Last-Event-ID, /chat/streams/…) must reach the worker that started the answer. Set REDIS_URL "
+            "to share them.", settings.workers,
+        )
     if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Each worker writes its metrics here, and /metrics in any worker adds them all up.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")

@@ -8,15 +8,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from upstream import FakeUpstream
+from upstream import FakeUpstream, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tests never use the machine's real upstream or keys, also where they import service.py itself.
@@ -115,6 +117,18 @@ def fake(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
     upstream.reset()
 
 
+@contextmanager
+def holding(fake: FakeUpstream, pieces: list[str], sent: int) -> Iterator[threading.Event]:
+    """The next reply sends its first `sent` pieces, then waits for the gate given back; the gate
+    opens when the block ends too, so that a failed test never leaves the upstream waiting."""
+    gate = threading.Event()
+    fake.expect(Reply(pieces=pieces, gates={sent: gate}))
+    try:
+        yield gate
+    finally:
+        gate.set()
+
+
 def upstream_env(upstream: FakeUpstream, **env: str) -> dict[str, str]:
     return {
         "OPENAI_BASE_URL": upstream.base_url,
@@ -122,8 +136,44 @@ def upstream_env(upstream: FakeUpstream, **env: str) -> dict[str, str]:
         "API_KEYS": f"{KEY},second-key",
         "OPENAI_MODEL": "fake-model",
         "UPSTREAM_MAX_RETRIES": "0",
+        # A reader that leaves stops the answer at once, as tests of disconnects expect; the
+        # tests of resuming set a grace window of their own.
+        "RESUME_GRACE_SECONDS": "0",
         **env,
     }
+
+
+REDIS_SERVER = "/usr/bin/redis-server"  # Debian's redis-server package; .ci/run installs it
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis on a loopback port, without persistence, for the session."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail(f"the replay tests need {REDIS_SERVER}: apt-get install -y redis-server")
+    directory = tmp_path_factory.mktemp("redis")
+    for attempt in range(3):  # the probed port may be taken before redis binds it
+        port = free_port()
+        command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)]
+        process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                    probe.sendall(b"PING\r\n")
+                    if probe.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            process.kill()
+            process.wait(timeout=5)
+            continue
+        yield f"redis://127.0.0.1:{port}/0"
+        process.terminate()
+        process.wait(timeout=10)
+        return
+    raise AssertionError("redis-server did not start")
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 
 import service
 
-from conftest import ROOT, Service, service_env, upstream_env
+from conftest import ROOT, Service, free_port, service_env, upstream_env
 from upstream import FakeUpstream
 
 
@@ -48,6 +48,12 @@ def start_and_fail(env: dict[str, str]) -> str:
         ("OPENAI_BASE_URL", "localhost:11434/v1"),
         ("LOG_LEVEL", "loud"),
         ("CORS_ORIGINS", "example.com"),
+        ("REDIS_URL", "localhost:6379"),
+        ("RESUME_GRACE_SECONDS", "-1"),
+        ("RESUME_TTL_SECONDS", "0"),
+        ("RESUME_LEASE_SECONDS", "forever"),
+        ("RESUME_MAX_ANSWER_BYTES", "1.5"),
+        ("RESUME_MAX_BYTES", "100"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str) -> None:
@@ -59,6 +65,11 @@ def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str) -
 def test_a_bad_value_stops_the_start(variable: str, value: str) -> None:
     output = start_and_fail({variable: value})
     assert f"configuration error: {variable} must be" in output
+
+
+def test_a_redis_that_cannot_be_reached_stops_the_start() -> None:
+    output = start_and_fail({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert "configuration error: REDIS_URL" in output
 
 
 def test_a_real_upstream_without_client_keys_is_refused() -> None:

@@ -152,7 +152,8 @@ def test_a_disconnect_in_round_two_closes_round_two(fake: FakeUpstream, continui
     fake.expect(Reply(pieces=["The first round"], finish_reason="length"), Reply(pieces=[" goes on"], gates={0: hold}, hold_headers=True))
     with httpx.Client(base_url=continuing_service.base_url, headers=AUTH, timeout=10) as http:
         with http.stream("POST", "/chat", json={"message": "hi"}, headers={"Accept": "text/event-stream"}) as response:
-            lines = response.iter_lines()
+            lines = (line for line in response.iter_lines() if not line.startswith("id: "))  # resume ids
+            assert [next(lines), next(lines)] == ["retry: 1000", ""]
             assert next(lines) == "event: delta"
             fake.wait_for_requests(2)
             assert [next(lines), next(lines)] == ['data: {"text": "The first round"}', ""]

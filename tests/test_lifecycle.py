@@ -207,6 +207,8 @@ def test_sse_heartbeats_fill_every_silence(fake: FakeUpstream, heartbeat_service
                 seen.append(line)
                 return line
 
+            if path == "/chat":  # a resumable answer first tells EventSource how soon to reconnect
+                assert [next_content_line() for _ in range(2)] == ["retry: 1000", ""]
             # Before the first token: nothing but pings until the upstream speaks.
             assert [next_content_line() for _ in range(4)] == [": ping", "", ": ping", ""]
             before_first.set()
