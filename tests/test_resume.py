@@ -141,6 +141,27 @@ def test_a_cut_reader_resumes_with_last_event_id_and_gets_every_piece_once(
         assert stream_id not in service.log()
 
 
+def log_line(service: Service, request_id: str) -> dict:
+    wait_until(lambda: f'"request_id": "{request_id}"' in service.log())
+    return next(json.loads(line) for line in service.log().splitlines() if f'"request_id": "{request_id}"' in line)
+
+
+def test_an_answer_is_logged_and_counted_once_with_the_request_that_asked(
+    fake: FakeUpstream, memory_service: Service, held: threading.Event
+) -> None:
+    with client(memory_service) as http:
+        with http.stream("POST", "/chat", json={"message": "hi"}, headers={**SSE, "X-Request-ID": "asked-1"}) as response:
+            first = next(sse(response.iter_lines()))
+        held.set()
+        resumed = http.get("/chat", headers={**SSE, "Last-Event-ID": first.id, "X-Request-ID": "resumed-1"}, params={"q": "hi"})
+        assert text_of([first, *sse(resumed.text.split("\n"))]) == WHOLE
+    asked = log_line(memory_service, "asked-1")
+    assert asked["outcome"] == "client_disconnected" and asked["chunks"] == 1
+    assert asked["completion_tokens"] == len(PIECES)  # the whole answer's cost, known once it ended
+    again = log_line(memory_service, "resumed-1")
+    assert again["completion_tokens"] is None and again["path"] == "/chat"
+
+
 @pytest.mark.parametrize("accept", ["application/x-ndjson", "text/plain", "text/event-stream"])
 def test_streams_route_frames_a_resumed_answer_like_a_fresh_one(fake: FakeUpstream, memory_service: Service, accept: str) -> None:
     fake.expect(Reply(pieces=PIECES), Reply(pieces=PIECES))
