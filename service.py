@@ -1461,7 +1461,8 @@ class RelayResponse(StreamingResponse):
 
         async def emit(frame: bytes) -> None:
             self.last_sent = now = time.monotonic()
-            shedder.waited(self.calls[-1].waited(now))
+            if self.calls:  # a /chat reader has none: its producer reports the waits
+                shedder.waited(self.calls[-1].waited(now))
             await send({"type": "http.response.body", "body": frame, "more_body": True})
 
         ending: StreamFailure | None = None
@@ -2214,6 +2215,8 @@ class AnswerProducer:
         self.stop(StreamFailure("cancelled", "The answer was stopped on request."))
 
     async def emit(self, texts: list[str]) -> None:
+        assert self.runtime.shedder is not None
+        self.runtime.shedder.waited(self.calls[-1].waited(time.monotonic()))
         events = [AnswerEvent(self.seq + number, "delta", {"text": text}) for number, text in enumerate(texts, 1)]
         self.seq += len(events)
         await self.store.append(self.stream_id, events)
