@@ -156,7 +156,7 @@ def test_an_answer_is_logged_and_counted_once_with_the_request_that_asked(
         resumed = http.get("/chat", headers={**SSE, "Last-Event-ID": first.id, "X-Request-ID": "resumed-1"}, params={"q": "hi"})
         assert text_of([first, *sse(resumed.text.split("\n"))]) == WHOLE
     asked = log_line(memory_service, "asked-1")
-    assert asked["outcome"] == "client_disconnected" and asked["chunks"] == 1
+    assert asked["outcome"] == "client_disconnected" and asked["chunks"] in (1, 2)  # written before the close: both, or one
     assert asked["completion_tokens"] == len(PIECES)  # the whole answer's cost, known once it ended
     again = log_line(memory_service, "resumed-1")
     assert again["completion_tokens"] is None and again["path"] == "/chat"
