@@ -31,6 +31,7 @@ CLIENTS = {
     "requests": [sys.executable, str(EXAMPLES / "requests_stream.py")],
     "httpx": [sys.executable, str(EXAMPLES / "httpx_stream.py")],
     "openai": [sys.executable, str(EXAMPLES / "openai_sdk.py")],
+    "openai_responses": [sys.executable, str(EXAMPLES / "openai_responses.py")],
 }
 REQUESTS_PER_RUN = {"curl": 3}  # curl.sh shows three endpoints; the others ask once
 
@@ -88,7 +89,7 @@ def test_client_prints_the_demo_answer(keyed_demo: Service, name: str) -> None:
         assert "event: done" in done.stdout and done.stdout.rstrip().endswith("data: [DONE]")
 
 
-@pytest.mark.parametrize("name", ["requests", "httpx", "openai"])
+@pytest.mark.parametrize("name", ["requests", "httpx", "openai", "openai_responses"])
 def test_client_reports_a_wrong_key(keyed_demo: Service, name: str) -> None:
     done = subprocess.run(CLIENTS[name], env=client_env(keyed_demo, "wrong"), capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
@@ -115,7 +116,10 @@ def test_client_prints_each_piece_as_it_arrives(fake: FakeUpstream, service: Ser
     """The first piece is on the terminal while the upstream still holds back the rest."""
     gates = [threading.Event() for _ in range(REQUESTS_PER_RUN.get(name, 1))]
     fake.expect(*(Reply(pieces=["The first", " piece", " and the rest."], gates={1: gate}) for gate in gates))
-    process = subprocess.Popen(CLIENTS[name], env=client_env(service), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = client_env(service)
+    if name == "openai_responses":
+        env["SERVICE_MODEL"] = "fake-model"  # else its /v1/models call would take the held reply
+    process = subprocess.Popen(CLIENTS[name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert process.stdout is not None
         output = Output(process.stdout)
