@@ -1255,8 +1255,9 @@ class RequestLog:
 
 PROBE_SECONDS = 0.01
 LIMIT_CUT = 0.9  # of the open streams, when the loop runs late
-LIMIT_GROWTH = 0.05  # of the limit per second, plus one stream, while it keeps time
+LIMIT_GROWTH = 0.1  # of the limit per second, plus one stream, while it keeps time
 SUSTAINED_SECONDS = 0.25  # of lateness, before the limit is cut
+CUT_INTERVAL_SECONDS = 1.0  # of lasting lateness between two cuts
 LIMIT_FLOOR = 10  # fewer open streams do not make the loop late: something else did, and passes
 
 
@@ -1270,6 +1271,7 @@ class LoadShedder:
         self.lag = 0.0  # seconds, smoothed over the last few probes
         self.lagging = False
         self.lagging_for = 0.0  # seconds
+        self._next_cut = SUSTAINED_SECONDS  # of lagging_for
         self._due = math.inf  # when the probe asked to wake next
         self._longest_wait = 0.0  # of a piece of an answer since the last probe
 
@@ -1302,10 +1304,13 @@ class LoadShedder:
             self.lagging_for += elapsed
             # A short spell is a burst being set up, and passes once the refusals stop it; a
             # lasting one means the open streams themselves are more than the process relays.
-            if self.lagging_for >= SUSTAINED_SECONDS and open_streams > LIMIT_FLOOR:
+            # Streams end only at their own pace, so a cut is given a second to show before the
+            # next one: cutting at every probe would ratchet the limit down to the floor.
+            if self.lagging_for >= self._next_cut and open_streams > LIMIT_FLOOR:
                 self.limit = max(float(LIMIT_FLOOR), min(self.limit, open_streams * LIMIT_CUT))
+                self._next_cut = self.lagging_for + CUT_INTERVAL_SECONDS
         elif self.lag < self.bound / 2:
-            self.lagging, self.lagging_for = False, 0.0
+            self.lagging, self.lagging_for, self._next_cut = False, 0.0, SUSTAINED_SECONDS
             if open_streams >= self.limit - 1:  # only a limit in use grows
                 self.limit = min(float(self.max_streams), self.limit + (self.limit * LIMIT_GROWTH + 1) * elapsed)
 

@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TOKEN = re.compile(rb"@(\d+);")
+RETRY_AFTER = re.compile(rb"(?i)\r\nretry-after: *(\d+)")
 DONE_MARKERS = (b"data: [DONE]", b"event: done")
 TERMINATOR = b"\r\n0\r\n\r\n"  # the last chunk of a chunked body
 PROBE_SECONDS = 0.05
 PROBE_TIMEOUT = 2.0
 CONNECT_SECONDS = 5.0  # a full accept queue would otherwise hold a connect for minutes
-RETRY_SECONDS = 0.1  # a user whose stream failed waits this long, so failures cannot spin
+RETRY_SECONDS = 0.1  # a user whose stream failed waits this long (or its Retry-After), so failures cannot spin
 TICK = os.sysconf("SC_CLK_TCK")
 NS = 1_000_000_000
 
@@ -96,6 +97,11 @@ class Stream(asyncio.Protocol):
     _head: bytes = b""
     _token_tail: bytes = b""  # a token cut in two by a read boundary
     _tail: bytes = b""  # the last bytes, for markers cut in two by a read boundary
+
+    def retry_after(self) -> float | None:
+        """The seconds a refusal asked to wait, as the OpenAI SDKs honour them."""
+        found = RETRY_AFTER.search(self.head)
+        return float(found.group(1)) if found else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert hasattr(transport, "write")  # uvloop's transports are not asyncio.Transport subclasses
@@ -195,7 +201,7 @@ class Load:
             await stream.done
             self.open.discard(stream)
             if stream.error is not None:
-                await asyncio.sleep(RETRY_SECONDS)
+                await asyncio.sleep(stream.retry_after() or RETRY_SECONDS)
 
     def cut(self) -> None:
         for stream in list(self.open):
@@ -254,7 +260,7 @@ def summarize_burst(streams: list[Stream]) -> dict[str, Any]:
         "admitted_completed": sum(1 for s in admitted if s.complete and s.error is None),
         "admitted_failures": sorted({s.error for s in admitted if s.error is not None}),
         "refused": len(refused),
-        "refused_with_retry_after": sum(1 for s in refused if re.search(rb"(?i)\r\nretry-after: *\d", s.head)),
+        "refused_with_retry_after": sum(1 for s in refused if s.retry_after() is not None),
         "other_failures": others,
         "tokens": len(latencies),
         "latency_us": percentiles(latencies),
