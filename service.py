@@ -50,6 +50,7 @@ import anyio.to_thread
 import httpcore2
 import httpx2
 import openai
+import orjson
 import prometheus_client
 import prometheus_client.multiprocess
 import redis
@@ -683,7 +684,7 @@ def upstream_events(call: UpstreamCall, response: httpx2.Response, whole_events:
 
 def parse_chunk(payload: bytes) -> dict[str, Any]:
     try:
-        chunk = json.loads(payload)
+        chunk = orjson.loads(payload)  # several times faster than json, on every piece of /chat
     except ValueError:
         raise StreamFailure("upstream_error", "The upstream sent an event that is not JSON.") from None
     if not isinstance(chunk, dict):
