@@ -1260,7 +1260,8 @@ class RequestLog:
 
 PROBE_SECONDS = 0.01
 LIMIT_CUT = 0.9  # of the open streams, when the loop runs late
-LIMIT_GROWTH = 0.1  # of the limit per second, plus one stream, while it keeps time
+LIMIT_GROWTH = 0.1  # of the limit per second, plus one stream, while it keeps time and refuses
+LIMIT_RETURN = 0.5  # of the limit per second, plus one stream, while it keeps time with room to spare
 SUSTAINED_SECONDS = 0.25  # of lateness, before the limit is cut
 CUT_INTERVAL_SECONDS = 1.0  # of lasting lateness between two cuts
 LIMIT_FLOOR = 10  # fewer open streams do not make the loop late: something else did, and passes
@@ -1316,8 +1317,11 @@ class LoadShedder:
                 self._next_cut = self.lagging_for + CUT_INTERVAL_SECONDS
         elif self.lag < self.bound / 2:
             self.lagging, self.lagging_for, self._next_cut = False, 0.0, SUSTAINED_SECONDS
-            if open_streams >= self.limit - 1:  # only a limit in use grows
-                self.limit = min(float(self.max_streams), self.limit + (self.limit * LIMIT_GROWTH + 1) * elapsed)
+            # A limit in use is probed upwards slowly; one that is not (the overload is over)
+            # returns to MAX_STREAMS within seconds, so that the next burst meets the lateness
+            # check rather than a limit learnt from other streams long gone.
+            growth = LIMIT_GROWTH if open_streams >= self.limit - 1 else LIMIT_RETURN
+            self.limit = min(float(self.max_streams), self.limit + (self.limit * growth + 1) * elapsed)
 
     def admits(self, open_streams: int) -> bool:
         """Whether a new stream may start now. Cheap: called on the event loop for each request,
