@@ -403,8 +403,10 @@ ENDPOINTS = [
     ("POST", CHAT, {"json": {"message": "hi"}}),
     ("POST", V1, {"json": {"messages": MESSAGES, "stream": True}}),
     ("GET", CHAT, {"params": {"q": "hi"}}),
+    ("POST", "/v1/responses", {"json": {"input": "hi", "stream": True}}),
+    ("GET", "/v1/responses/resp_1", {}),
 ]
-ENDPOINT_IDS = ["post_chat", "v1", "get_chat"]
+ENDPOINT_IDS = ["post_chat", "v1", "get_chat", "responses", "stored_response"]
 
 
 @pytest.mark.parametrize(("method", "path", "request_args"), ENDPOINTS, ids=ENDPOINT_IDS)

@@ -15,6 +15,8 @@ import httpx
 import openai
 import pytest
 import test_faults
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import AUTH, KEY, Service, launch, upstream_env
 from sse import sse_events, whole_sse_events
@@ -140,6 +142,36 @@ def test_bad_requests_name_the_field(fake: FakeUpstream, client: httpx.Client, b
 
 def test_input_may_be_left_out_when_the_request_continues_a_response(fake: FakeUpstream, client: httpx.Client) -> None:
     assert client.post("/v1/responses", json={"previous_response_id": "resp_1"}).status_code == 200
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+FIELDS = st.sampled_from(["input", "model", "stream", "max_output_tokens", "temperature", "instructions", "previous_response_id", "tools"])
+
+
+def test_generated_bodies_never_break_the_service(fake: FakeUpstream, client: httpx.Client) -> None:
+    """Never a 5xx; every 4xx an OpenAI error; every 200 a whole response (streamed: ending with
+    response.completed); and the service still answers."""
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=120, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.dictionaries(FIELDS | st.text(max_size=8), JSON_VALUES, max_size=5), st.booleans())
+    def check(body: dict, with_input: bool) -> None:
+        if with_input:
+            body.setdefault("input", "hi")
+        response = client.post("/v1/responses", json=body)
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        elif response.headers["content-type"].startswith("text/event-stream"):
+            assert whole_sse_events(response.text)[-1][0] == "response.completed"
+        else:
+            assert response.json()["status"] == "completed"
+
+    check()
+    assert client.post("/v1/responses", json={"input": "hi"}).json()["status"] == "completed"
+    assert seen.get(200, 0) >= 10 and seen.get(400, 0) >= 10, seen
 
 
 # -- POST /v1/responses, not streamed -------------------------------------------------------------------
