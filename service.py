@@ -1979,6 +1979,11 @@ class MemoryReplayStore(ReplayStore):
         answer = self._answers.get(stream_id)
         return None if answer is None else answer.owner
 
+    def holds(self, stream_id: str, after: int) -> bool:
+        """Whether every event of the answer after `after` is still here."""
+        answer = self._answers.get(stream_id)
+        return answer is not None and not answer.dropped and (not answer.events or answer.first_seq() <= after + 1)
+
     async def follow(self, stream_id: str, after: int) -> AsyncGenerator[list[AnswerEvent], None]:
         answer = self._answers.get(stream_id)
         if answer is None:
@@ -2031,6 +2036,9 @@ class RedisReplayStore(ReplayStore):
             socket_connect_timeout=5,
         )
         self.redis = redis.asyncio.Redis(connection_pool=pool)
+        # The answers this process produces, also in its memory: their readers here (as a rule, the
+        # one that asked) follow them without a round trip to Redis for each batch.
+        self.produced_here = MemoryReplayStore(settings)
         self._sizes: dict[str, deque[tuple[int, int]]] = {}  # per answer produced here: (last seq, bytes) per entry
         self._kept: dict[str, int] = {}
 
@@ -2069,8 +2077,10 @@ class RedisReplayStore(ReplayStore):
             pipe.set(lease, 1, px=self._lease_ms())
             await pipe.execute()
         self._sizes[stream_id], self._kept[stream_id] = deque(), 0
+        await self.produced_here.open(stream_id, owner)
 
     async def append(self, stream_id: str, events: list[AnswerEvent]) -> None:
+        await self.produced_here.append(stream_id, events)
         key, meta, _, _ = self._keys(stream_id)
         last = events[-1].seq
         size = sum(event_bytes(event) for event in events)
@@ -2090,6 +2100,7 @@ class RedisReplayStore(ReplayStore):
             await pipe.execute()
 
     async def end(self, stream_id: str) -> None:
+        await self.produced_here.end(stream_id)
         events, meta, lease, readers = self._keys(stream_id)
         self._sizes.pop(stream_id, None)
         self._kept.pop(stream_id, None)
@@ -2101,12 +2112,20 @@ class RedisReplayStore(ReplayStore):
             await pipe.execute()
 
     async def owner(self, stream_id: str) -> bytes | None:
+        here = await self.produced_here.owner(stream_id)
+        if here is not None:
+            return here
         _, meta, _, _ = self._keys(stream_id)
         async with self._reaching():
             owner = await self.redis.hget(meta, "owner")
         return None if owner is None else bytes.fromhex(owner.decode())
 
     async def follow(self, stream_id: str, after: int) -> AsyncGenerator[list[AnswerEvent], None]:
+        if self.produced_here.holds(stream_id, after):
+            async with aclosing(self.produced_here.follow(stream_id, after)) as here:
+                async for batch in here:
+                    yield batch
+            return
         key, meta, lease, _ = self._keys(stream_id)
         async with self._reaching():
             first = await self.redis.hget(meta, "first")
@@ -2186,7 +2205,7 @@ class RedisReplayStore(ReplayStore):
                     pass  # it lapses by itself within RESUME_LEASE_SECONDS
 
     def usage(self) -> dict[str, Any]:
-        return {"store": self.kind}
+        return {**self.produced_here.usage(), "store": self.kind}
 
 
 def make_replay_store(settings: Settings) -> ReplayStore:

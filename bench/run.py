@@ -160,7 +160,10 @@ def healthz(port: int) -> dict[str, Any] | None:
         return None
 
 
-def start_service(processes: Processes, service: Path, upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_service(
+    processes: Processes, service: Path, upstream_port: int, name: str = "service", **settings: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`python service.py` against the fake upstream, with the defaults the targets name, and `settings`."""
     port = free_port()
     env = dict(
         os.environ,
@@ -172,12 +175,16 @@ def start_service(processes: Processes, service: Path, upstream_port: int) -> tu
         LOG_LEVEL="warning",
         WEB_CONCURRENCY="1",  # one worker process, as the targets say
         SHUTDOWN_GRACE_SECONDS="1",  # so that stopping it at the end is quick
+        # The streams a phase cuts at its end stop at once, not after the grace window (which
+        # would only make each phase wait longer for the next).
+        RESUME_GRACE_SECONDS="0",
     )
-    for name in ("API_KEYS", "MAX_STREAMS", "SHED_LAG_MS"):
-        env.pop(name, None)  # the defaults, as the targets say
-    log = processes.logs / "service.log"
+    for variable in ("API_KEYS", "MAX_STREAMS", "SHED_LAG_MS", "REDIS_URL"):
+        env.pop(variable, None)  # the defaults, as the targets say
+    env.update(settings)
+    log = processes.logs / f"{name}.log"
     with open(log, "ab") as out:
-        process = processes.start("service", [PYTHON, str(service)], cwd=service.parent, env=env, stdout=out)
+        process = processes.start(name, [PYTHON, str(service)], cwd=service.parent, env=env, stdout=out)
     deadline = time.monotonic() + START_SECONDS
     while healthz(port) is None:
         if time.monotonic() > deadline or process.poll() is not None:
