@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +53,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     args = parser.parse_args()
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # a SIGTERM ends the run as Ctrl-C does, through `finally`
+
+    signal.signal(signal.SIGTERM, interrupted)
     service_path = HERE.parent / "service.py"
     processes = Processes(Path(tempfile.mkdtemp(prefix="bench-resume-logs-")))
     try:
