@@ -3182,8 +3182,6 @@ class ServingProtocol(HttpToolsProtocol):
             # A route is waiting for the body: it learns that the client is gone, and its log
             # line says what happened.
             cycle.scope[CONNECTION_VERDICT] = (408, "request_timeout")  # type: ignore[literal-required]
-            cycle.disconnected = True
-            cycle.message_event.set()
             self.answer_and_close(error, None)
             return
         self.answer_and_close(error, "request_timeout" if self.head_bytes else None)
@@ -3224,6 +3222,12 @@ class ServingProtocol(HttpToolsProtocol):
         close with its bytes unread would reset the connection before it read the answer."""
         if outcome is not None:  # None: a route logs it, or no request began (a silent connection)
             log_connection_answer(error.status, outcome)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A route still at work on this connection (waiting for a body, or answering a request
+            # that garbage followed) learns that the client is gone: nothing more can be sent.
+            cycle.disconnected = True
+            cycle.message_event.set()
         self.answered, self.in_head = True, False
         self.transport.write(connection_answer(error))
         if self.transport.can_write_eof():
@@ -3415,17 +3419,20 @@ def main() -> None:
         log_level=settings.log_level,
         access_log=False,  # the service writes its own line per request
     )
-    if settings.workers > 1:
-        listener = config.bind_socket()
-        try:
-            ServingSupervisor(config, sockets=[listener]).run()
-        finally:
-            listener.close()
-    else:
-        server = uvicorn.Server(config)
-        server.run()
-        if not server.started:
-            sys.exit(3)  # uvicorn has logged why (the port is taken, say)
+    server = uvicorn.Server(config)
+    try:
+        if settings.workers > 1:
+            listener = config.bind_socket()
+            try:
+                ServingSupervisor(config, sockets=[listener]).run()
+            finally:
+                listener.close()
+        else:
+            server.run()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn has shut down already
+    if settings.workers == 1 and not server.started:
+        sys.exit(3)  # uvicorn has logged why (the port is taken, say)
 
 
 if __name__ == "__main__":

@@ -291,3 +291,24 @@ def test_an_upstream_5xx_is_retried_briefly_and_its_message_kept_from_the_client
     assert "Traceback" not in response.text and "/srv/llama" not in response.text
     assert len(fake.requests) == 3  # UPSTREAM_MAX_RETRIES=2
     wait_until(lambda: secret in guarded.log(), timeout=5)
+
+
+# -- malformed HTTP -------------------------------------------------------------------------------
+
+
+def test_garbage_after_a_request_is_answered_without_an_error(fake: FakeUpstream, guarded: Service) -> None:
+    """A route answering the first request must not write after the 400 for what followed it."""
+    hold = threading.Event()
+    fake.default = Reply(gates={0: hold}, hold_headers=True)  # the route is still at work when the garbage comes
+    body = b'{"message": "hi"}'
+    with socket.create_connection(address(guarded), timeout=5) as connection:
+        connection.sendall(chat_head(len(body)) + body)
+        fake.wait_for_requests(1)
+        connection.sendall(b"GARBAGE\r\n\r\n")
+        time.sleep(0.2)  # the 400 is written
+        hold.set()  # and now the route has its answer to write
+        time.sleep(0.3)
+        answer = read_to_close(connection, 5)
+    error = json_error(answer, 400)
+    assert error["code"] == "invalid_http"
+    assert "Traceback" not in guarded.log()
