@@ -3176,6 +3176,11 @@ class ServingProtocol(HttpToolsProtocol):
         if not self.in_head and cycle is not None and cycle.response_started:
             self.transport.abort()  # answered already (the body is no longer wanted): just close
             return
+        if self.in_head and not self.head_bytes and cycle is not None:
+            # Idle after a response: closed as uvicorn's keep-alive timeout closes it, without an
+            # answer a client could take for that of the request it is sending at this moment.
+            self.transport.close()
+            return
         error = ServiceError(408, f"The request did not arrive within REQUEST_TIMEOUT_SECONDS ({settings.request_timeout_seconds:g} s).",
                              code="request_timeout")
         if not self.in_head and cycle is not None:

@@ -71,6 +71,21 @@ def read_to_close(connection: socket.socket, timeout: float) -> bytes:
     return received
 
 
+def read_one_response(connection: socket.socket) -> bytes:
+    """One whole response with a Content-Length, on a connection that stays open."""
+    received = b""
+    while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < content_length(received):
+        data = connection.recv(65536)
+        assert data, f"closed before a whole response: {received!r}"
+        received += data
+    return received
+
+
+def content_length(received: bytes) -> int:
+    head = received.partition(b"\r\n\r\n")[0].lower()
+    return int(head.split(b"content-length:")[1].split(b"\r\n")[0]) if b"content-length:" in head else 0
+
+
 def json_error(response: bytes, status: int) -> dict:
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(f"HTTP/1.1 {status} ".encode()), response[:300]
@@ -157,10 +172,18 @@ def test_idle_and_half_sent_connections_are_closed(guarded: Service, sent: bytes
 def test_a_kept_alive_connection_has_the_same_deadline(guarded: Service) -> None:
     with socket.create_connection(address(guarded), timeout=5) as connection:
         connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        first = connection.recv(65536)
-        assert first.startswith(b"HTTP/1.1 200 ")
+        assert read_one_response(connection).startswith(b"HTTP/1.1 200 ")
         connection.sendall(b"GET /heal")  # the next request, never finished
         json_error(read_to_close(connection, 5), 408)
+
+
+def test_an_idle_kept_alive_connection_is_closed_without_an_answer(guarded: Service) -> None:
+    with socket.create_connection(address(guarded), timeout=5) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_one_response(connection).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        assert read_to_close(connection, 5) == b""  # no 408 a client could take for its next request's
+        assert time.monotonic() - started < 3  # REQUEST_TIMEOUT_SECONDS=1, not uvicorn's 5 s keep-alive
 
 
 # -- request heads --------------------------------------------------------------------------------
@@ -311,4 +334,4 @@ def test_garbage_after_a_request_is_answered_without_an_error(fake: FakeUpstream
         answer = read_to_close(connection, 5)
     error = json_error(answer, 400)
     assert error["code"] == "invalid_http"
-    assert "Traceback" not in guarded.log()
+    assert "Exception in ASGI application" not in guarded.log() and "RuntimeError" not in guarded.log()
