@@ -173,3 +173,20 @@ def test_a_failure_in_round_two_ends_with_an_error_after_the_text(fake: FakeUpst
     assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "upstream_error"
     wait_until(lambda: all(r.closed.is_set() for r in fake.requests))
     assert len(fake.requests) == 2
+
+
+def test_a_continuation_refused_with_an_unusual_error_type_still_ends_with_that_error(
+    fake: FakeUpstream, continuing_service: Service
+) -> None:
+    """A 429 on round two carries the upstream's own error type ("requests"), which has no outcome
+    of its own: the stream must still end with the error event, and the log line say "error"."""
+    fake.expect(Reply(pieces=["The first round"], finish_reason="length"), Reply(status=429))
+    with httpx.Client(base_url=continuing_service.base_url, headers=AUTH, timeout=10) as http:
+        body = {"message": "hi", "max_continuations": 1}
+        response = http.post("/chat", json=body, headers={"Accept": "text/event-stream", "X-Request-ID": "unusual-type-1"})
+    events = [(name, json.loads(data)) for name, data in sse_events(response.text.split("\n"))]
+    assert text_of(events) == "The first round"
+    assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "requests"
+    wait_until(lambda: '"request_id": "unusual-type-1"' in continuing_service.log())
+    line = next(json.loads(line) for line in continuing_service.log().splitlines() if '"request_id": "unusual-type-1"' in line)
+    assert line["outcome"] == "error"
