@@ -2091,6 +2091,8 @@ class RedisReplayStore(ReplayStore):
             pipe.xadd(key, {"e": json.dumps([[e.seq, e.kind, e.data] for e in events], ensure_ascii=False)}, id=f"{last}-0")
             if len(sizes) == 1:
                 pipe.pexpire(key, self._running_ms())
+            if events[-1].kind != "delta":
+                pipe.hset(meta, "last", last)  # the answer's end: nothing follows it
             if self._kept[stream_id] > self.settings.resume_answer_bytes and len(sizes) > 1:
                 while len(sizes) > 1 and self._kept[stream_id] > self.settings.resume_answer_bytes * 3 // 4:
                     self._kept[stream_id] -= sizes.popleft()[1]
@@ -2128,9 +2130,11 @@ class RedisReplayStore(ReplayStore):
             return
         key, meta, lease, _ = self._keys(stream_id)
         async with self._reaching():
-            first = await self.redis.hget(meta, "first")
+            first, last = await self.redis.hmget(meta, ["first", "last"])
         if first is None or int(first) > after + 1:
             raise replay_lost("The service no longer keeps the part of the answer this reader lacks.")
+        if last is not None and after >= int(last):
+            raise replay_lost("The answer has no events after that one.")
         cursor, waited_on_lease = f"{after}-0", False
         while True:
             async with self._reaching():

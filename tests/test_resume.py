@@ -181,6 +181,24 @@ def test_streams_route_frames_a_resumed_answer_like_a_fresh_one(fake: FakeUpstre
     assert len(fake.requests) == 1
 
 
+@pytest.mark.parametrize("where", ["memory", "redis-other-replica"])
+def test_a_resume_after_the_last_event_is_told_there_is_nothing_more(fake: FakeUpstream, request: pytest.FixtureRequest, where: str) -> None:
+    if where == "memory":
+        starter = resumer = request.getfixturevalue("memory_service")
+    else:
+        starter, resumer = request.getfixturevalue("replicas")
+    with client(starter) as http:
+        done = http.post("/chat", json={"message": "hi"}, headers=SSE)
+    last = list(sse(done.text.split("\n")))[-1]
+    assert last.name == "done"
+    with client(resumer) as http:
+        started = time.monotonic()
+        again = http.get(f"/chat/streams/{last.id.rsplit('.', 1)[0]}", params={"after": last.id.rsplit(".", 1)[1]}, headers=NDJSON)
+    assert [json.loads(line)["error"]["type"] for line in again.text.splitlines()] == ["replay_unavailable"]
+    assert time.monotonic() - started < 1  # at once, not after waiting for a producer
+    assert len(fake.requests) == 1
+
+
 def test_a_resume_after_the_end_gets_the_rest_and_after_the_ttl_nothing(fake: FakeUpstream, memory_service: Service) -> None:
     with client(memory_service) as http:
         done = http.post("/chat", json={"message": "hi"}, headers=SSE)
@@ -360,3 +378,16 @@ def test_several_workers_without_redis_warn_that_resumes_need_the_same_worker(
 def test_the_redis_store_is_reported(replicas: tuple[Service, Service]) -> None:
     replay = httpx.get(f"{replicas[0].base_url}/healthz", timeout=5).json()["replay"]
     assert replay["store"] == "redis" and replay["bytes"] <= replay["max_bytes"]  # its own answers, also in memory
+
+
+def test_sigterm_ends_answers_waiting_for_a_reader_at_once(fake: FakeUpstream, start_service: Callable[..., Service], held: threading.Event) -> None:
+    """An answer in its grace window has no response open, so uvicorn does not wait for it: the
+    shutdown stops it (the model with it) instead of leaving it to the end of the window."""
+    service = start_service(upstream_env(fake, RESUME_GRACE_SECONDS="30", SHUTDOWN_GRACE_SECONDS="1"))
+    with client(service) as http:
+        start_then_cut(http, 1)
+    signalled = time.monotonic()
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(timeout=10) == 0
+    assert time.monotonic() - signalled < 5
+    assert fake.requests[-1].closed.wait(2) and not held.is_set()
