@@ -39,7 +39,9 @@ REQUEST_TIMEOUT = 2
 HANG_SECONDS = REQUEST_TIMEOUT + 3
 MAX_HEADER_BYTES = 8192
 PATHS = ["/chat", "/v1/chat/completions", "/v1/responses", "/v1/models", "/healthz", "/", "/metrics", "/nope",
-         "/v1/responses/resp_123", "/chat/", "//chat", "/v1/chat/completions?stream=1", "/%ff", "/chat%00"]
+         "/v1/responses/resp_123", "/chat/", "//chat", "/v1/chat/completions?stream=1", "/%ff", "/chat%00",
+         "/v1/responses/resp_1/cancel", "/v1/responses/resp_1/input_items", "/v1/models/fake-model", "/v1/models/%ed%a0%80",
+         "/chat/streams/abc", "/chat/streams/abc?after=3", "/chat/streams/abc?after=-1", "/chat/streams/%ff?after=x"]
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "BREW", "get"]
 ROLES = ["user", "system", "assistant", "tool", "developer", "function", "wizard", "", "USER"]
 SURROGATES = ["\ud800", "\udfff", "a\udc00b", "\ud83d"]
@@ -111,6 +113,8 @@ class Generator:
                                            "text/event-stream;q=0", ";;,,", "application/*", "text/plain;q=nan"])
         if self.random.random() < 0.1:
             headers["X-Request-ID"] = self.pick(["abc", "x" * 300, "\u00e9", "a b"])
+        if self.random.random() < 0.1:
+            headers["Last-Event-ID"] = self.pick(["abc:3", "abc", ":", "abc:-1", "abc:x", "\u00e9:1", "a" * 500 + ":1", ""])
         return headers
 
     def http_request(self) -> bytes:
