@@ -3200,8 +3200,9 @@ class ServingProtocol(HttpToolsProtocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self.unsent_at_check = self.transport.get_write_buffer_size()
-        self.stall_check = self.loop.call_later(settings.send_timeout_seconds, self.check_stall)
+        if self.stall_check is None:
+            self.unsent_at_check = self.transport.get_write_buffer_size()
+            self.stall_check = self.loop.call_later(settings.send_timeout_seconds, self.check_stall)
 
     def resume_writing(self) -> None:
         super().resume_writing()
