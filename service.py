@@ -576,12 +576,14 @@ def _no_responses_api(error: ServiceError, request: str) -> ServiceError:
 
 
 async def open_responses(client: UpstreamClient, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
-    """Send one Responses API request (POST /responses), the body field by field as for chat."""
-    fields = dict(body)
-    model, stream = fields.pop("model"), fields.pop("stream", False)
+    """Send one Responses API request (POST /responses), the body as it is, posted as chat
+    completions are (see open_upstream)."""
+    stream = bool(body.get("stream"))
     try:
         return await send_upstream(
-            call, lambda: client.responses.with_raw_response.create(model=model, stream=stream, extra_body=fields).http_response, stream,
+            call,
+            lambda: client.post("/responses", body=body, cast_to=httpx2.Response, stream=stream, stream_cls=openai.Stream[Any]),
+            stream,
             client.retries,
         )
     except ServiceError as error:
