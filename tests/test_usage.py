@@ -22,7 +22,8 @@ REPORTED = 'relay_completion_tokens_total{estimated="false",route="/chat"}'
 
 def line_for(service: Service, request_id: str) -> dict:
     def lines() -> list[dict]:
-        return [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
+        *complete, _being_written = service.log().split("\n")  # the last line may be half written
+        return [json.loads(line) for line in complete if line.startswith("{")]
 
     wait_until(lambda: any(line["request_id"] == request_id for line in lines()))
     return next(line for line in lines() if line["request_id"] == request_id)
