@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import socket
 import sys
 import tempfile
@@ -312,7 +313,12 @@ def main() -> int:
     print(f"healthy afterwards: {healthy}")
     for example in examples:
         print("  " + example)
-    return 0 if own_5xx == hangs == non_json_4xx == not_json == status_zero == logging_errors == 0 and healthy else 1
+    passed = own_5xx == hangs == non_json_4xx == not_json == status_zero == logging_errors == 0 and healthy
+    if passed:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    else:
+        print(f"the service's log: {service.log_path}")
+    return 0 if passed else 1
 
 
 def parses(line: str) -> bool:
