@@ -277,7 +277,8 @@ class UpstreamCall:
         self.aborted = False
         self._stream: _InterruptibleStream | None = None
         self.unsent_since = 0.0  # when the oldest read not yet written to the client returned
-        self.thread_wait = 0.0  # seconds the call's first step waited for a worker thread
+        self.created = time.monotonic()
+        self.thread_wait: float | None = None  # seconds its first step waited for a worker thread
 
     def arrived(self) -> None:
         """Called in the worker thread after each read that returned data."""
@@ -1251,16 +1252,17 @@ class RequestLog:
 # written, and a new stream's wait for a worker thread (the probe alone misses a loop that keeps
 # its timers but has a queue of I/O behind them). While that lateness exceeds SHED_LAG_MS, new
 # streams get 503 + Retry-After at once (the OpenAI SDKs retry by themselves, a load balancer
-# sends the retry to another replica); streams already admitted are never cut. A short spell of
-# lateness is a burst being set up and passes; refusing while it lasts admits the burst at the
-# rate the process sets streams up. Lateness that lasts means the open streams are too many, and
-# teaches a limit on them, as Netflix's AIMD limiter or a TCP congestion window learns: 90 % of the
-# streams open then, raised a little at a time while the process keeps time and the limit is what
-# refuses, so that a steady overload meets a steady count, not waves of admissions. MAX_STREAMS
-# stays the hard cap above it.
+# sends the retry to another replica); streams already admitted are never cut. A burst of new
+# streams is admitted at the rate the process sets them up: a few per probe while it runs at all
+# late, and none during a short spell of lateness, which passes. Lateness that lasts means the
+# open streams are too many, and teaches a limit on them, as Netflix's AIMD limiter or a TCP
+# congestion window learns: 90 % of the streams open then, raised a little at a time while the
+# process keeps time, so that a steady overload meets a steady count, not waves of admissions.
+# MAX_STREAMS stays the hard cap above it.
 # ------------------------------------------------------------------------------------------------
 
 PROBE_SECONDS = 0.01
+STARTS_PER_PROBE = 2  # new streams per probe while the loop runs a quarter of the bound late
 LIMIT_CUT = 0.9  # of the open streams, when the loop runs late
 LIMIT_GROWTH = 0.1  # of the limit per second, plus one stream, while it keeps time and refuses
 LIMIT_RETURN = 0.5  # of the limit per second, plus one stream, while it keeps time with room to spare
@@ -1282,6 +1284,8 @@ class LoadShedder:
         self._next_cut = SUSTAINED_SECONDS  # of lagging_for
         self._due = math.inf  # when the probe asked to wake next
         self._longest_wait = 0.0  # of a piece of an answer since the last probe
+        self._setups: deque[UpstreamCall] = deque()  # new streams' first calls, oldest first
+        self._starts_left = math.inf  # new streams that may start until the next probe
 
     async def run(self, open_streams: Callable[[], int]) -> None:
         """The probe: runs on the event loop for the life of the app."""
@@ -1307,6 +1311,10 @@ class LoadShedder:
         # Quick to rise, slower to fall: one late wake-up (a descheduled process) does not shed,
         # two do; recovery is believed over about ten probes.
         self.lag += (late - self.lag) * (0.5 if late > self.lag else 0.2)
+        # Setting a stream up costs a few milliseconds of the loop and the GIL, a burst of them
+        # all at once as many; while the loop is at all late, new streams are started a few per
+        # probe, spread out, instead of in waves between spells of lateness.
+        self._starts_left = STARTS_PER_PROBE if self.lag > self.bound / 4 else math.inf
         if self.lag > self.bound:
             self.lagging = True
             self.lagging_for += elapsed
@@ -1326,13 +1334,32 @@ class LoadShedder:
             self.limit = min(float(self.max_streams), self.limit + (self.limit * growth + 1) * elapsed)
 
     def admits(self, open_streams: int) -> bool:
-        """Whether a new stream may start now. Cheap: called on the event loop for each request,
-        before its body is read."""
+        """Whether a new stream may start now (and if so, it counts as started). Cheap: called on
+        the event loop for each request, before its body is read."""
         if not self.bound:
             return True
-        late_now = time.monotonic() - self._due  # the probe itself is overdue
+        if self._refuses(open_streams) or self._starts_left < 1:
+            return False
+        self._starts_left -= 1
+        return True
+
+    def _refuses(self, open_streams: int) -> bool:
+        now = time.monotonic()
+        late_now = max(now - self._due, self._oldest_setup_waiting(now))
         learnt_limit = self.limit < self.max_streams  # at MAX_STREAMS, the hard cap answers itself
-        return not (self.lagging or late_now > self.bound or (learnt_limit and open_streams >= self.limit))
+        return self.lagging or late_now > self.bound or (learnt_limit and open_streams >= self.limit)
+
+    def setting_up(self, call: UpstreamCall) -> None:
+        """A new stream's first upstream call is about to wait for a worker thread."""
+        self._setups.append(call)
+
+    def _oldest_setup_waiting(self, now: float) -> float:
+        """How long the oldest new stream still waiting for its worker thread has waited: seen
+        while it waits, not only once it is served, since a burst makes them all wait at once."""
+        setups = self._setups
+        while setups and setups[0].thread_wait is not None:
+            setups.popleft()
+        return now - setups[0].created if setups else 0.0
 
     def refuse(self, metrics: Metrics) -> ServiceError:
         metrics.shed.inc()
@@ -1346,13 +1373,13 @@ class LoadShedder:
 
     def report(self, open_streams: int) -> dict[str, Any]:
         return {
-            "shedding": not self.admits(open_streams),
+            "shedding": bool(self.bound) and self._refuses(open_streams),
             "event_loop_lag_ms": round(self.lag * 1000, 1),
             "stream_limit": int(self.limit),
         }
 
 
-THREADS_READY = 32  # idle worker threads kept ready for new streams
+THREADS_READY = 64  # idle worker threads kept ready for new streams
 THREADS_REFRESH_SECONDS = 5  # anyio retires a thread idle for 10 s
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (Python's default: 700)
 
@@ -2425,9 +2452,12 @@ async def call_upstream(request: Request, body: dict[str, Any], open: Opener = o
     exchange.prompt = body.get("messages", body.get("input")) if runtime.settings.log_content else None
     call = UpstreamCall()
     assert runtime.client is not None and runtime.shedder is not None
+    runtime.shedder.setting_up(call)
     try:
         return call, await upstream_until_disconnect(request, call, open(runtime.client, call, body))
     finally:
+        if call.thread_wait is None:
+            call.thread_wait = 0.0  # it never reached a thread (refused, or its client left)
         runtime.shedder.waited(call.thread_wait)
 
 
