@@ -1299,7 +1299,7 @@ class LoadShedder:
             await asyncio.sleep(PROBE_SECONDS)
             now = time.monotonic()
             late, self._longest_wait = max(now - self._due, self._longest_wait), 0.0
-            self._observe(late, now - asked, open_streams())
+            self.observe(late, now - asked, open_streams())
 
     def waited(self, seconds: float) -> None:
         """Work that was ready waited `seconds` for this process: a piece of an answer from its
@@ -1307,7 +1307,8 @@ class LoadShedder:
         if seconds > self._longest_wait:
             self._longest_wait = seconds
 
-    def _observe(self, late: float, elapsed: float, open_streams: int) -> None:
+    def observe(self, late: float, elapsed: float, open_streams: int) -> None:
+        """One probe's finding: the loop was `late` seconds late, `elapsed` after the last probe."""
         # Quick to rise, slower to fall: one late wake-up (a descheduled process) does not shed,
         # two do; recovery is believed over about ten probes.
         self.lag += (late - self.lag) * (0.5 if late > self.lag else 0.2)

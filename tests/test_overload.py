@@ -7,6 +7,7 @@ keeps relaying the stream it had admitted; once it has kept time again it admits
 
 from __future__ import annotations
 
+import random
 import signal
 import threading
 import time
@@ -14,6 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
+
+import service
 
 from conftest import AUTH, Service, upstream_env, wait_until
 from test_lifecycle import COMPLETIONS, open_raw_stream, read_until
@@ -106,3 +109,26 @@ def test_without_a_bound_a_late_worker_still_admits(fake: FakeUpstream, start_se
     asking.join(timeout=10)
     assert answers and answers[0].status_code == 200 and "admitted" in answers[0].text
     assert httpx.get(f"{service.base_url}/healthz").json()["shedding"] is False
+
+
+def test_a_steady_overload_meets_a_steady_count_of_streams() -> None:
+    """The controller alone, against a worker that runs later the more streams it holds beyond
+    its capacity, offered far more new streams than that for a minute: the count of open streams
+    settles near the capacity and stays there, instead of waves of admissions and refusals."""
+    capacity, tick = 150, 0.01
+    shedder = service.LoadShedder(0.02, 500)
+    chance = random.Random(13)
+    ends: list[float] = []  # of the open streams, each 3-7 s long
+    counts: list[int] = []
+    for step in range(6000):
+        now = step * tick
+        ends = [end for end in ends if end > now]
+        for _ in range(20):  # 2,000 new streams a second, ten times what it can take
+            if shedder.admits(len(ends)):
+                ends.append(now + chance.uniform(3, 7))
+        late = 0.002 * max(0, len(ends) - capacity)  # 2 ms later for each stream too many
+        shedder.observe(late, tick, len(ends))
+        counts.append(len(ends))
+    settled = counts[1500:]  # after 15 s
+    assert 0.8 * capacity <= min(settled) and max(settled) <= 1.2 * capacity, (min(settled), max(settled))
+    assert max(settled) - min(settled) <= 0.05 * capacity, (min(settled), max(settled))
