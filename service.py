@@ -1268,7 +1268,7 @@ LIMIT_GROWTH = 0.1  # of the limit per second, plus one stream, while it keeps t
 LIMIT_RETURN = 0.5  # of the limit per second, plus one stream, while it keeps time with room to spare
 SUSTAINED_SECONDS = 0.25  # of lateness, before the limit is cut
 CUT_INTERVAL_SECONDS = 1.0  # of lasting lateness between two cuts
-LIMIT_FLOOR = 10  # fewer open streams do not make the loop late: something else did, and passes
+LIMIT_FLOOR = 10  # fewer open streams do not make the loop late (something else did), and are always admitted
 
 
 class LoadShedder:
@@ -1337,8 +1337,8 @@ class LoadShedder:
     def admits(self, open_streams: int) -> bool:
         """Whether a new stream may start now (and if so, it counts as started). Cheap: called on
         the event loop for each request, before its body is read."""
-        if not self.bound:
-            return True
+        if not self.bound or open_streams < LIMIT_FLOOR:
+            return True  # so few streams do not make the loop late, and refusing them helps nobody
         if self._refuses(open_streams) or self._starts_left < 1:
             return False
         self._starts_left -= 1
@@ -1374,7 +1374,7 @@ class LoadShedder:
 
     def report(self, open_streams: int) -> dict[str, Any]:
         return {
-            "shedding": bool(self.bound) and self._refuses(open_streams),
+            "shedding": bool(self.bound) and open_streams >= LIMIT_FLOOR and self._refuses(open_streams),
             "event_loop_lag_ms": round(self.lag * 1000, 1),
             "stream_limit": int(self.limit),
         }
