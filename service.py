@@ -1798,7 +1798,8 @@ def negotiate(accept: str) -> str:
 # here; every reader, the one that asked included, follows them from here and frames them for its
 # own Accept. By default the events live in this process's memory, bounded in time and bytes; with
 # REDIS_URL, in Redis Streams, so that any process can serve a resume, and a lease key that the
-# producing process keeps fresh tells readers when that process died.
+# producing process keeps fresh tells readers when that process died (the producing process keeps
+# its own answers in memory too, for its own readers).
 # ------------------------------------------------------------------------------------------------
 
 STREAM_ID_BYTES = 18  # 144 random bits, URL-safe, no "." (which separates the id from the sequence)
