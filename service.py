@@ -2283,8 +2283,13 @@ class AnswerProducer:
         self.stop(StreamFailure("cancelled", "The answer was stopped on request."))
 
     async def emit(self, texts: list[str]) -> None:
+        """Store the pieces of one read of the upstream: called for every read, also one without
+        text (the role chunk, usage), so that the load shedder measures how long the read waited
+        for this process, not how long the model took between a read without text and the next."""
         assert self.runtime.shedder is not None
         self.runtime.shedder.waited(self.calls[-1].waited(time.monotonic()))
+        if not texts:
+            return
         events = [AnswerEvent(self.seq + number, "delta", {"text": text}) for number, text in enumerate(texts, 1)]
         self.seq += len(events)
         await self.store.append(self.stream_id, events)
@@ -2744,9 +2749,7 @@ async def chat(request: Request) -> Response:
             _serving.set(round_call)
             try:
                 async for payloads in iterate_in_threadpool(upstream_events(round_call, round_response)):
-                    texts = transcript.read(payloads)
-                    if texts:
-                        await emit(texts)
+                    await emit(transcript.read(payloads))  # also when empty: see AnswerProducer.emit
                     if transcript.failure is not None:
                         raise transcript.failure
                 if not transcript.ended and transcript.finish_reason is None:

@@ -391,3 +391,30 @@ def test_sigterm_ends_answers_waiting_for_a_reader_at_once(fake: FakeUpstream, s
     assert service.process.wait(timeout=10) == 0
     assert time.monotonic() - signalled < 5
     assert fake.requests[-1].closed.wait(2) and not held.is_set()
+
+
+def test_a_slow_model_is_not_taken_for_a_late_service(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
+    """The producer tells the load shedder how long each upstream read waited for the process. A
+    read without text (the role chunk) must count too: otherwise the model's pause before its
+    first token looked like the process running that late, and new streams were refused."""
+    service = start_service(upstream_env(fake, SHED_LAG_MS="200"))
+    seen: list[bool] = []
+    done = threading.Event()
+
+    def watch() -> None:  # /healthz every few ms, until the answer is over (at most 10 s)
+        with client(service) as http:
+            for _ in range(2000):
+                if done.wait(0.005):
+                    return
+                seen.append(http.get("/healthz").json()["shedding"])
+
+    watcher = threading.Thread(target=watch)
+    with holding(fake, ["after", " a pause"], 0) as first_token:
+        watcher.start()
+        with client(service) as http:
+            threading.Timer(2.0, first_token.set).start()  # the role chunk comes at once
+            assert http.post("/chat", json={"message": "hi"}).text == "after a pause"
+            time.sleep(0.3)  # the shedder would have said so within this
+        done.set()
+        watcher.join(timeout=5)
+    assert len(seen) > 20 and True not in seen
