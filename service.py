@@ -2040,6 +2040,7 @@ class MemoryReplayStore(ReplayStore):
             answer.positions.pop(reader, None)
 
     def usage(self) -> dict[str, Any]:
+        self._forget_expired()
         return {"store": self.kind, "answers": len(self._answers), "bytes": self._bytes, "max_bytes": self.settings.resume_total_bytes}
 
 
@@ -2303,8 +2304,10 @@ class AnswerProducer:
                 kind, data = await self._produce()
                 tasks.cancel_scope.cancel()
             self.seq += 1
-            await self.store.append(self.stream_id, [AnswerEvent(self.seq, kind, data)])
-            await self.store.end(self.stream_id)
+            try:
+                await self.store.append(self.stream_id, [AnswerEvent(self.seq, kind, data)])
+            finally:
+                await self.store.end(self.stream_id)  # also after a failed append: the answer must expire
         except ReplayStoreUnavailable as error:
             log.warning("answer %s ended without its last event: %s", stream_digest(self.stream_id), error)
         except Exception:
@@ -2323,6 +2326,9 @@ class AnswerProducer:
             failure = error
         except ClientGone:
             failure = self.stopped or StreamFailure("abandoned", "The answer was stopped.")
+        except ReplayStoreUnavailable as error:
+            log.warning("answer %s stopped: %s", stream_digest(self.stream_id), error)
+            failure = replay_lost("The service could not keep the answer (its replay store failed); ask again.")
         except Exception:
             log.exception("relaying answer %s failed", stream_digest(self.stream_id))
             failure = StreamFailure("server_error", "The service failed while relaying the answer; the error was logged.")

@@ -146,12 +146,10 @@ def upstream_env(upstream: FakeUpstream, **env: str) -> dict[str, str]:
 REDIS_SERVER = "/usr/bin/redis-server"  # Debian's redis-server package; .ci/run installs it
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Redis on a loopback port, without persistence, for the session."""
+def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A real redis-server on a loopback port, without persistence; returns it and its URL."""
     if not Path(REDIS_SERVER).exists():
         pytest.fail(f"the replay tests need {REDIS_SERVER}: apt-get install -y redis-server")
-    directory = tmp_path_factory.mktemp("redis")
     for attempt in range(3):  # the probed port may be taken before redis binds it
         port = free_port()
         command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)]
@@ -162,18 +160,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
                     probe.sendall(b"PING\r\n")
                     if probe.recv(64).startswith(b"+PONG"):
-                        break
+                        return process, f"redis://127.0.0.1:{port}/0"
             except OSError:
                 time.sleep(0.05)
-        else:
-            process.kill()
-            process.wait(timeout=5)
-            continue
-        yield f"redis://127.0.0.1:{port}/0"
-        process.terminate()
-        process.wait(timeout=10)
-        return
+        process.kill()
+        process.wait(timeout=5)
     raise AssertionError("redis-server did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis for the session."""
+    process, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

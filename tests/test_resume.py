@@ -13,11 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import AUTH, Service, holding, launch, upstream_env, wait_until
+from conftest import AUTH, Service, holding, launch, start_redis, upstream_env, wait_until
 from upstream import FakeUpstream, Reply
 
 SSE = {"Accept": "text/event-stream"}
@@ -81,7 +82,8 @@ def memory_service(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFact
 
 
 def redis_env(upstream: FakeUpstream, redis_url: str, **env: str) -> dict[str, str]:
-    return upstream_env(upstream, REDIS_URL=redis_url, RESUME_GRACE_SECONDS="2", RESUME_LEASE_SECONDS="1", RESUME_TTL_SECONDS="5", **env)
+    short = {"RESUME_GRACE_SECONDS": "2", "RESUME_LEASE_SECONDS": "1", "RESUME_TTL_SECONDS": "5"}
+    return upstream_env(upstream, REDIS_URL=redis_url, **{**short, **env})
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +336,34 @@ def test_a_killed_producer_ends_its_readers_within_the_lease(
     assert rest and rest[-1]["type"] == "error" and rest[-1]["error"]["type"] == "replay_unavailable"
     assert ended_after < 10, ended_after  # RESUME_LEASE_SECONDS=1 here; 5 by default
     assert producer.process.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_redis_failing_mid_answer_ends_the_answer_with_an_error(
+    fake: FakeUpstream, start_service: Callable[..., Service], tmp_path: Path, held: threading.Event
+) -> None:
+    redis, url = start_redis(tmp_path)
+    try:
+        service = start_service(redis_env(fake, url, RESUME_TTL_SECONDS="1"))
+        with client(service) as http:
+            with http.stream("POST", "/chat", json={"message": "hi"}, headers=NDJSON) as response:
+                lines = response.iter_lines()
+                assert json.loads(next(lines))["text"] == "One"
+                assert http.get("/healthz").json()["replay"]["answers"] == 1
+                redis.kill()
+                redis.wait(timeout=5)
+                held.set()  # the next batch cannot be stored
+                rest = [json.loads(line) for line in lines]
+            assert rest[-1]["type"] == "error" and rest[-1]["error"]["type"] == "replay_unavailable"
+            refused = http.post("/chat", json={"message": "hi"})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "replay_store_unavailable"
+            # Its copy in this process's memory ended too, so it expires as any other.
+            wait_until(lambda: http.get("/healthz").json()["replay"]["answers"] == 0, timeout=5)
+        assert fake.requests[0].closed.wait(2)
+        assert "Traceback" not in service.log()
+    finally:
+        if redis.poll() is None:
+            redis.kill()
+            redis.wait(timeout=5)
 
 
 # -- bounds and settings --------------------------------------------------------------------------
