@@ -318,6 +318,11 @@ class UpstreamCall:
                 if stream.owner is self:
                     stream.owner = None
 
+    def body_begins(self) -> None:
+        """The response's head has been read: what more_arrived() counts starts here."""
+        if self._stream is not None:
+            self._stream.forget_reads()
+
     def more_arrived(self, piece: bytes) -> bool:
         """Whether more of the answer than `piece` has arrived, so that the next piece is there
         without waiting on the network. Runs in the worker thread reading the call."""
@@ -332,6 +337,7 @@ class _InterruptibleStream(httpcore2.NetworkStream):
         self.lock = threading.Lock()
         self.owner: UpstreamCall | None = None
         self._reads = self._reads_seen = self._last_read = 0
+        self._unread = 0  # at most what the HTTP parser still holds of the last read
         self._poll: select.poll | None = None
 
     def _attach(self) -> UpstreamCall | None:
@@ -345,6 +351,7 @@ class _InterruptibleStream(httpcore2.NetworkStream):
         try:
             data = self._inner.read(max_bytes, timeout)
             self._reads, self._last_read = self._reads + 1, len(data)
+            self._unread = len(data)
             if data and call is not None:
                 call.arrived()
         except httpcore2.ReadError:
@@ -368,7 +375,16 @@ class _InterruptibleStream(httpcore2.NetworkStream):
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
 
+    def forget_reads(self) -> None:
+        self._unread = 0  # the head's read may have carried some of the body too: not counted
+
     def more_arrived(self, piece: bytes) -> bool:
+        # A read takes whatever has arrived, often several HTTP chunks, which the parser then
+        # hands out one by one without reading again: count what is left of the read (never
+        # more than is left: each piece is taken with the most framing a chunk can have).
+        self._unread -= len(piece) + len(b"%x" % len(piece)) + 4
+        if self._unread > 32:
+            return True  # more than a chunk's framing is left: the next piece is there already
         fresh, self._reads_seen = self._reads != self._reads_seen, self._reads
         if fresh and self._last_read <= len(piece) + 32:
             return False  # the read carried this one HTTP chunk alone, as most reads do
@@ -536,6 +552,8 @@ async def send_upstream(call: UpstreamCall, request: Callable[[], httpx2.Respons
                 time.sleep(pause)
         if not stream:
             call.finish()  # httpx has read the whole answer already
+        else:
+            call.body_begins()
         return response
 
     try:
