@@ -124,7 +124,7 @@ def test_metrics_move_as_streams_run(fake: FakeUpstream, observed: Service, http
     completed = 'relay_requests_total{outcome="completed",route="/chat",status="200"}'
     tokens = 'relay_tokens_streamed_total{route="/chat"}'
     hold = threading.Event()
-    fake.expect(Reply(pieces=["a", "b", "c", "d"], gates={2: hold}))
+    fake.expect(Reply(pieces=["a", "b", "c", "d"], gates={1: hold}))
     with http.stream("POST", "/chat", json={"message": "x"}) as response:
         text = response.iter_text()
         assert next(text) == "a"
