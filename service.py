@@ -37,7 +37,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -2751,19 +2751,20 @@ async def chat(request: Request) -> Response:
     framing_name = negotiate(request.headers.get("accept", ""))
     upstream_body, continuations = chat_request(await chat_fields(request, settings), settings)
     slot = take_slot(request)
+    stream_id = new_stream_id()
+    try:
+        # Before the upstream is asked: an answer that cannot be kept is not paid for.
+        await store.open(stream_id, owner_digest(request, settings))
+    except ReplayStoreUnavailable:
+        slot.release()
+        raise replay_store_down() from None
     try:
         call, response = await call_upstream(request, upstream_body)
     except BaseException:
         slot.release()
+        with anyio.CancelScope(shield=True), suppress(ReplayStoreUnavailable):
+            await store.end(stream_id)  # nothing to resume: let it expire
         raise
-    stream_id = new_stream_id()
-    try:
-        await store.open(stream_id, owner_digest(request, settings))
-    except ReplayStoreUnavailable:
-        slot.release()
-        call.abort()
-        await anyio.to_thread.run_sync(response.close)  # so that its pooled connection is let go
-        raise replay_store_down() from None
     transcript = Transcript()
     calls = [call]
 

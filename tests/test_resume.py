@@ -356,6 +356,7 @@ def test_redis_failing_mid_answer_ends_the_answer_with_an_error(
             assert rest[-1]["type"] == "error" and rest[-1]["error"]["type"] == "replay_unavailable"
             refused = http.post("/chat", json={"message": "hi"})
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "replay_store_unavailable"
+            assert len(fake.requests) == 1  # an answer that could not be kept was not asked for
             # Its copy in this process's memory ended too, so it expires as any other.
             wait_until(lambda: http.get("/healthz").json()["replay"]["answers"] == 0, timeout=5)
         assert fake.requests[0].closed.wait(2)
