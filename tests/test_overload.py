@@ -75,6 +75,7 @@ def test_a_late_worker_refuses_new_streams_at_once_and_keeps_relaying(fake: Fake
         error = refused["body"]["error"]  # type: ignore[index]
         assert error["code"] == "server_busy" and error["type"] == "server_busy" and error["message"]
         assert len(fake.requests) == len(admitted)  # the refused request never reached the upstream
+        assert "relay_shed_total 1.0" in http.get("/metrics").text.splitlines()
 
         # The admitted streams were not cut: the rest of each answer arrives, and each ends cleanly.
         rest.set()
