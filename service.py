@@ -1371,14 +1371,18 @@ class LoadShedder:
     def setting_up(self, call: UpstreamCall) -> None:
         """A new stream's first upstream call is about to wait for a worker thread."""
         self._setups.append(call)
+        self._forget_started()  # here too: with few streams open, admits() never looks
+
+    def _forget_started(self) -> None:
+        setups = self._setups
+        while setups and setups[0].thread_wait is not None:
+            setups.popleft()
 
     def _oldest_setup_waiting(self, now: float) -> float:
         """How long the oldest new stream still waiting for its worker thread has waited: seen
         while it waits, not only once it is served, since a burst makes them all wait at once."""
-        setups = self._setups
-        while setups and setups[0].thread_wait is not None:
-            setups.popleft()
-        return now - setups[0].created if setups else 0.0
+        self._forget_started()
+        return now - self._setups[0].created if self._setups else 0.0
 
     def refuse(self, metrics: Metrics) -> ServiceError:
         metrics.shed.inc()

@@ -150,3 +150,16 @@ def test_a_steady_overload_meets_a_steady_count_of_streams() -> None:
     settled = counts[1500:]  # after 15 s
     assert 0.8 * capacity <= min(settled) and max(settled) <= 1.2 * capacity, (min(settled), max(settled))
     assert max(settled) - min(settled) <= 0.05 * capacity, (min(settled), max(settled))
+
+
+def test_new_streams_are_forgotten_once_set_up_also_with_few_streams_open() -> None:
+    """With fewer streams open than it ever refuses for, the controller never checks its list of
+    new streams waiting for a thread; it must forget the served ones anyway, or a small
+    deployment would keep every call it ever made."""
+    shedder = service_module.LoadShedder(0.02, 500)
+    for _ in range(1000):
+        call = service_module.UpstreamCall()
+        shedder.setting_up(call)
+        call.thread_wait = 0.001  # its worker thread took it
+        assert shedder.admits(1)
+    assert len(shedder._setups) <= 1
