@@ -35,6 +35,8 @@ def start_and_fail(env: dict[str, str]) -> str:
         ("PORT", "70000"),
         ("MAX_STREAMS", "0"),
         ("MAX_STREAMS", "many"),
+        ("SHED_LAG_MS", "-1"),
+        ("SHED_LAG_MS", "soon"),
         ("HEARTBEAT_SECONDS", "-1"),
         ("HEARTBEAT_SECONDS", "nan"),
         ("SHUTDOWN_GRACE_SECONDS", "soon"),
