@@ -3370,6 +3370,15 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("uvicorn.error").addFilter(_UvicornNoise())
 
 
+def without_head(route: Route) -> Route:
+    """Starlette answers HEAD wherever GET is allowed, by running the GET handler and dropping the
+    body. On a route that starts or follows an answer that would pay the upstream for text nobody
+    can read, so HEAD gets a 405 there instead."""
+    assert route.methods is not None
+    route.methods.discard("HEAD")
+    return route
+
+
 def create_app(settings: Settings) -> Starlette:
     runtime = Runtime(settings)
 
@@ -3433,13 +3442,13 @@ def create_app(settings: Settings) -> Starlette:
             Route("/", index, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
-            Route("/v1/responses/{response_id}", response_resource, methods=["GET", "DELETE"]),
+            without_head(Route("/v1/responses/{response_id}", response_resource, methods=["GET", "DELETE"])),
             Route("/v1/responses/{response_id}/cancel", response_resource, methods=["POST"]),
             Route("/v1/responses/{response_id}/input_items", response_resource, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", models, methods=["GET"]),
-            Route("/chat", chat, methods=["GET", "POST"]),
-            Route("/chat/streams/{stream_id}", answer_stream, methods=["GET", "DELETE"]),
+            without_head(Route("/chat", chat, methods=["GET", "POST"])),
+            without_head(Route("/chat/streams/{stream_id}", answer_stream, methods=["GET", "DELETE"])),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", handle_errors(metrics), methods=["GET"]),
         ],

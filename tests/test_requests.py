@@ -389,12 +389,25 @@ def test_unknown_path_is_404_json(http: httpx.Client, method: str, path: str) ->
 
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
-    [("DELETE", CHAT, "GET"), ("PUT", CHAT, "POST"), ("GET", V1, "POST"), ("PATCH", V1, "POST"), ("POST", "/healthz", "GET")],
+    [
+        ("DELETE", CHAT, "GET"),
+        ("PUT", CHAT, "POST"),
+        ("GET", V1, "POST"),
+        ("PATCH", V1, "POST"),
+        ("POST", "/healthz", "GET"),
+        ("HEAD", CHAT, "POST"),
+        ("HEAD", "/chat/streams/abc", "DELETE"),
+        ("HEAD", "/v1/responses/resp_1", "DELETE"),
+    ],
 )
-def test_wrong_method_is_405_json(http: httpx.Client, method: str, path: str, allowed: str) -> None:
-    response = http.request(method, path)
-    assert_error(response, 405, mentions=method)
-    assert allowed in response.headers.get("allow", "")
+def test_wrong_method_is_405_json(http: httpx.Client, fake: FakeUpstream, method: str, path: str, allowed: str) -> None:
+    # HEAD runs a GET handler for a body nobody reads: on /chat it would start (and pay for) an answer.
+    headers = {"Content-Type": "application/json"} if method == "HEAD" else {}
+    response = http.request(method, path, params={"q": "hi"}, headers=headers, content=b'{"message": "hi"}')
+    assert response.status_code == 405 and allowed in response.headers.get("allow", "")
+    if method != "HEAD":  # a HEAD response has no body to carry the error
+        assert_error(response, 405, mentions=method)
+    assert fake.requests == []
 
 
 # -- keys ----------------------------------------------------------------------------------------------
