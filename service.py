@@ -1280,7 +1280,7 @@ class RequestLog:
 # ------------------------------------------------------------------------------------------------
 
 PROBE_SECONDS = 0.01
-STARTS_PER_PROBE = 2  # new streams per probe while the loop runs a quarter of the bound late
+STARTS_PER_PROBE = 1  # new streams per probe while the loop runs a quarter of the bound late
 LIMIT_CUT = 0.9  # of the open streams, when the loop runs late
 LIMIT_GROWTH = 0.1  # of the limit per second, plus one stream, while it keeps time and refuses
 LIMIT_RETURN = 0.5  # of the limit per second, plus one stream, while it keeps time with room to spare
