@@ -1924,6 +1924,10 @@ class ReplayStore:
         """Whose answer it is; None if there is no such answer (any more)."""
         raise NotImplementedError
 
+    async def final_seq(self, stream_id: str) -> int | None:
+        """The sequence number of the answer's last event, once it ended; None before."""
+        raise NotImplementedError
+
     def follow(self, stream_id: str, after: int) -> AsyncGenerator[list[AnswerEvent], None]:
         """Every event after `after`, in batches, then the live ones until the last; raises
         StreamFailure when events the reader lacks are gone or the producer died."""
@@ -2031,6 +2035,10 @@ class MemoryReplayStore(ReplayStore):
         self._forget_expired()
         answer = self._answers.get(stream_id)
         return None if answer is None else answer.owner
+
+    async def final_seq(self, stream_id: str) -> int | None:
+        answer = self._answers.get(stream_id)
+        return answer.events[-1].seq if answer is not None and answer.ended and answer.events else None
 
     def holds(self, stream_id: str, after: int) -> bool:
         """Whether every event of the answer after `after` is still here."""
@@ -2175,6 +2183,14 @@ class RedisReplayStore(ReplayStore):
         async with self._reaching():
             owner = await self.redis.hget(meta, "owner")
         return None if owner is None else bytes.fromhex(owner.decode())
+
+    async def final_seq(self, stream_id: str) -> int | None:
+        if await self.produced_here.owner(stream_id) is not None:
+            return await self.produced_here.final_seq(stream_id)
+        _, meta, _, _ = self._keys(stream_id)
+        async with self._reaching():
+            last = await self.redis.hget(meta, "last")
+        return None if last is None else int(last)
 
     async def follow(self, stream_id: str, after: int) -> AsyncGenerator[list[AnswerEvent], None]:
         if self.produced_here.holds(stream_id, after):
@@ -2825,12 +2841,22 @@ SEQUENCE = re.compile(r"[0-9]{1,9}")
 
 async def resume(request: Request, framing_name: str, stream_id: str | None, after: int) -> Response:
     """Follow an answer from event `after` on. One that does not exist (any more), or is another
-    key's, gets 204 on SSE, which tells EventSource to stop reconnecting, and 404 otherwise."""
+    key's, gets 204 on SSE, which tells EventSource to stop reconnecting, and 404 otherwise; one
+    whose last event the reader already has gets 204 in every framing: nothing follows."""
     runtime = runtime_of(request)
     if stream_id is None or not await is_owner(request, stream_id):
         if framing_name == "text/event-stream":
             return Response(status_code=204)
         raise ServiceError(404, f"No such answer: it never existed, or ended more than RESUME_TTL_SECONDS ({runtime.settings.resume_ttl_seconds:g} s) ago.", code="stream_not_found")
+    assert runtime.replay is not None
+    try:
+        final = await runtime.replay.final_seq(stream_id)
+    except ReplayStoreUnavailable:
+        raise replay_store_down() from None
+    if final is not None and after >= final:
+        # The reader has the whole answer. EventSource reconnects after every end of a response,
+        # also after `done`; 204 is what makes it stop, instead of asking again every second.
+        return Response(status_code=204)
     return AnswerReader(runtime, exchange_of(request), CHAT_FRAMINGS[framing_name](stream_id), stream_id, after)
 
 
