@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import random
 import os
 import re
 import resource
@@ -1391,7 +1392,7 @@ class LoadShedder:
             "The service is relaying as many streams as it can keep on time; retry shortly.",
             "server_busy",
             "server_busy",
-            headers={"Retry-After": "1"},
+            headers=retry_hint(),
         )
 
     def report(self, open_streams: int) -> dict[str, Any]:
@@ -1400,6 +1401,18 @@ class LoadShedder:
             "event_loop_lag_ms": round(self.lag * 1000, 1),
             "stream_limit": int(self.limit),
         }
+
+
+RETRY_AFTER_MS = (500, 1500)  # the spread of the retry hint a refusal under load gives
+
+
+def retry_hint() -> dict[str, str]:
+    """When a client refused under load should retry. The clients of one burst are refused
+    together; told the same second, they would all come back in the same instant and be refused
+    together again. So Retry-After says one second, and Retry-After-Ms (which the OpenAI SDKs
+    read first) spreads them around it."""
+    delay = random.randint(*RETRY_AFTER_MS)  # not secrets: nobody gains by guessing it
+    return {"Retry-After": "1", "Retry-After-Ms": str(delay)}
 
 
 THREADS_READY = 64  # idle worker threads kept ready for new streams
@@ -1462,7 +1475,7 @@ class Slot:
             f"The service is serving its maximum of {int(limiter.total_tokens)} streams; retry shortly.",
             "server_busy",
             "capacity_exceeded",
-            headers={"Retry-After": "1"},
+            headers=retry_hint(),
         )
 
     def release(self) -> None:
@@ -3458,7 +3471,7 @@ def create_app(settings: Settings) -> Starlette:
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-                expose_headers=["Retry-After", "X-Stream-ID"],
+                expose_headers=["Retry-After", "Retry-After-Ms", "X-Stream-ID"],
                 max_age=600,
             )
         )

@@ -168,10 +168,16 @@ def test_a_full_service_answers_503_at_once(fake: FakeUpstream, start_service: C
         refused = http.post("/chat", json={"message": "hi"})
         also_refused = http.post("/v1/chat/completions", json=COMPLETIONS[1])
         assert time.monotonic() - started < 2
-        for response in (refused, also_refused):
+        more_refused = [http.post("/chat", json={"message": "hi"}) for _ in range(8)]
+        hints = set()
+        for response in (refused, also_refused, *more_refused):
             assert response.status_code == 503
             assert response.headers["retry-after"] == "1"
+            assert 500 <= int(response.headers["retry-after-ms"]) <= 1500
+            hints.add(response.headers["retry-after-ms"])
             assert response.json()["error"]["code"] == "capacity_exceeded"
+        # Clients refused together must not all come back in the same instant.
+        assert len(hints) > 1, hints
         assert len(fake.requests) == 3  # the refused requests never reached the upstream
         health = http.get("/healthz")
         assert health.status_code == 200 and health.json()["active_streams"] == 3

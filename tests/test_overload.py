@@ -72,6 +72,7 @@ def test_a_late_worker_refuses_new_streams_at_once_and_keeps_relaying(fake: Fake
         assert refused["status"] == 503
         assert float(refused["at"]) - continued < 1.0  # answered at once, not after a queue  # type: ignore[arg-type]
         assert refused["headers"]["retry-after"] == "1"  # type: ignore[index]
+        assert 500 <= int(refused["headers"]["retry-after-ms"]) <= 1500  # type: ignore[index]
         error = refused["body"]["error"]  # type: ignore[index]
         assert error["code"] == "server_busy" and error["type"] == "server_busy" and error["message"]
         assert len(fake.requests) == len(admitted)  # the refused request never reached the upstream
