@@ -23,8 +23,8 @@ import itertools
 import json
 import logging
 import math
-import random
 import os
+import random
 import re
 import resource
 import secrets
@@ -577,10 +577,15 @@ async def open_upstream(client: UpstreamClient, call: UpstreamCall, body: dict[s
     of the arguments to their declared types leaves a JSON body as it was and cost a fifth of
     a stream's set-up.
     """
+    return await post_upstream(client, call, "/chat/completions", body)
+
+
+async def post_upstream(client: UpstreamClient, call: UpstreamCall, path: str, body: dict[str, Any]) -> httpx2.Response:
+    """POST `body` as it is to `path` (relative to the base URL), streamed if it asks to be."""
     stream = bool(body.get("stream"))
     return await send_upstream(
         call,
-        lambda: client.post("/chat/completions", body=body, cast_to=httpx2.Response, stream=stream, stream_cls=openai.Stream[Any]),
+        lambda: client.post(path, body=body, cast_to=httpx2.Response, stream=stream, stream_cls=openai.Stream[Any]),
         stream,
         client.retries,
     )
@@ -598,14 +603,8 @@ def _no_responses_api(error: ServiceError, request: str) -> ServiceError:
 async def open_responses(client: UpstreamClient, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
     """Send one Responses API request (POST /responses), the body as it is, posted as chat
     completions are (see open_upstream)."""
-    stream = bool(body.get("stream"))
     try:
-        return await send_upstream(
-            call,
-            lambda: client.post("/responses", body=body, cast_to=httpx2.Response, stream=stream, stream_cls=openai.Stream[Any]),
-            stream,
-            client.retries,
-        )
+        return await post_upstream(client, call, "/responses", body)
     except ServiceError as error:
         if error.status == 404 and error.code != "model_not_found":
             raise _no_responses_api(error, "POST /v1/responses") from None
@@ -2566,16 +2565,28 @@ def handle_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callabl
 @handle_errors
 async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions: OpenAI's API, passed through."""
+    keep_text = runtime_of(request).settings.log_content
+    return await pass_through(
+        request, lambda body: check_messages(body.get("messages")), open_upstream, lambda: OpenAIFraming(Transcript() if keep_text else None)
+    )
+
+
+async def pass_through(
+    request: Request, check: Callable[[dict[str, Any]], Any], open: Opener, framing: Callable[[], PassThroughFraming]
+) -> Response:
+    """A /v1 request that makes an answer: checked (`check`, then the sampling fields), sent to the
+    upstream (`open`), and the upstream's answer passed back as it comes, streamed (framed by
+    `framing`) or whole."""
     runtime, exchange = runtime_of(request), exchange_of(request)
     settings = runtime.settings
     admit(request)
     body = await read_json_object(request, settings)
-    check_messages(body.get("messages"))
+    check(body)
     check_sampling(body)
     body.setdefault("model", settings.model)
     slot = take_slot(request)
     try:
-        call, response = await call_upstream(request, body)
+        call, response = await call_upstream(request, body, open)
     except BaseException:
         slot.release()
         raise
@@ -2584,8 +2595,7 @@ async def chat_completions(request: Request) -> Response:
         if settings.log_content:
             exchange.completion = response.text
         return Response(response.content, media_type="application/json")
-
-    return relay_pass_through(request, call, response, OpenAIFraming(Transcript() if settings.log_content else None), slot)
+    return relay_pass_through(request, call, response, framing(), slot)
 
 
 def relay_pass_through(request: Request, call: UpstreamCall, response: httpx2.Response, framing: PassThroughFraming, slot: Slot) -> RelayResponse:
@@ -2630,25 +2640,8 @@ def check_response_request(body: Mapping[str, Any]) -> None:
 @handle_errors
 async def responses(request: Request) -> Response:
     """POST /v1/responses: OpenAI's Responses API, passed through."""
-    runtime = runtime_of(request)
-    settings = runtime.settings
-    admit(request)
-    body = await read_json_object(request, settings)
-    check_response_request(body)
-    check_sampling(body)
-    body.setdefault("model", settings.model)
-    slot = take_slot(request)
-    try:
-        call, response = await call_upstream(request, body, open_responses)
-    except BaseException:
-        slot.release()
-        raise
-    if not body.get("stream"):
-        slot.release()
-        if settings.log_content:
-            exchange_of(request).completion = response.text
-        return Response(response.content, media_type="application/json")
-    return relay_pass_through(request, call, response, ResponsesFraming(keep_text=settings.log_content), slot)
+    keep_text = runtime_of(request).settings.log_content
+    return await pass_through(request, check_response_request, open_responses, lambda: ResponsesFraming(keep_text=keep_text))
 
 
 @handle_errors
