@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import openai
 
-from run import HERE, Processes, start_service, start_upstream
+from run import HERE, Processes, servers_stopped_at_the_end, start_service, start_upstream
 
 TOKENS = 40
 MODEL = "bench-20"  # 20 tokens/s
@@ -64,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(size) for size in args.clients.split(",")]
     processes = Processes(Path(tempfile.mkdtemp(prefix="bench-burst-")))
-    try:
+    with servers_stopped_at_the_end(processes):
         _, upstream_port = start_upstream(processes)
         _, service_port = start_service(processes, args.service.resolve(), upstream_port)
         print(f"{'clients':>8} {'path':<22} {'served':>7} {'failed':>7} {'seconds':>8}  outcomes")
@@ -74,12 +73,6 @@ def main() -> None:
                 failed = size - counts["served"]
                 print(f"{size:>8} {path:<22} {counts['served']:>7} {failed:>7} {seconds:>8.1f}  {dict(counts)}")
                 time.sleep(2)  # the worker's learnt limit, if any, returns before the next burst
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except RuntimeError as error:
-        sys.exit(f"\nbench: {error}")
-    finally:
-        processes.stop_all()
 
 
 if __name__ == "__main__":

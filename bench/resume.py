@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from run import CHAT, HERE, START_SECONDS, V1, Phase, Processes, drain, figures, fmt, free_port, machine, run_client, start_service, start_upstream
+from run import CHAT, HERE, START_SECONDS, V1, Phase, Processes, drain, figures, fmt, free_port, machine, run_client, servers_stopped_at_the_end, start_service, start_upstream
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -53,14 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     args = parser.parse_args()
-
-    def interrupted(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # a SIGTERM ends the run as Ctrl-C does, through `finally`
-
-    signal.signal(signal.SIGTERM, interrupted)
     service_path = HERE.parent / "service.py"
     processes = Processes(Path(tempfile.mkdtemp(prefix="bench-resume-logs-")))
-    try:
+    with servers_stopped_at_the_end(processes):
         upstream, upstream_port = start_upstream(processes)
         redis, redis_port = start_redis(processes)
         memory, memory_port = start_service(processes, service_path, upstream_port, "service-memory")
@@ -110,12 +103,6 @@ def main() -> None:
             print("\nThis was a --quick smoke run: its figures are not comparable. Run without --quick to measure.")
         if max(f["cores_other_processes"] or 0.0 for *_, f in rows) > 0.2:
             print("WARNING: other processes used the machine during a window: these figures are disturbed.")
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except RuntimeError as error:
-        sys.exit(f"\nbench: {error}")
-    finally:
-        processes.stop_all()
 
 
 if __name__ == "__main__":

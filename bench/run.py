@@ -29,6 +29,8 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -125,6 +127,25 @@ class Processes:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
+
+
+@contextmanager
+def servers_stopped_at_the_end(processes: Processes) -> Iterator[None]:
+    """A bench's run: however it ends (done, failed, Ctrl-C or SIGTERM), its servers are stopped."""
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # a SIGTERM ends the run as Ctrl-C does, through `finally`
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; stopping the servers", file=sys.stderr)
+        sys.exit(130)
+    except RuntimeError as error:
+        sys.exit(f"\nbench: {error}")
+    finally:
+        processes.stop_all()
 
 
 def fail(message: str) -> NoReturn:
@@ -440,15 +461,10 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
 
-    def interrupted(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # a SIGTERM ends the run as Ctrl-C does, through `finally`
-
-    signal.signal(signal.SIGTERM, interrupted)
-
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
     processes = Processes(logs)
     began = time.monotonic()
-    try:
+    with servers_stopped_at_the_end(processes):
         upstream, upstream_port = start_upstream(processes)
         service, service_port = start_service(processes, service_path, upstream_port)
         info = machine(service.pid)
@@ -521,13 +537,6 @@ def main() -> None:
              "phases": [{"phase": asdict(p), "figures": f, "raw": r} for p, r, f in rows]},
             indent=2))
         print(f"\nresults: {args.output}   logs: {logs}   ({time.monotonic() - began:.0f} s)")
-    except KeyboardInterrupt:
-        print("\nbench: interrupted; stopping the servers", file=sys.stderr)
-        sys.exit(130)
-    except RuntimeError as error:
-        sys.exit(f"\nbench: {error}")
-    finally:
-        processes.stop_all()
 
 
 if __name__ == "__main__":
