@@ -327,11 +327,12 @@ class UpstreamCall:
         if self._stream is not None:
             self._stream.forget_reads()
 
-    def more_arrived(self, piece: bytes) -> bool:
-        """Whether more of the answer than `piece` has arrived, so that the next piece is there
-        without waiting on the network. Runs in the worker thread reading the call."""
+    def more_arrived(self, piece: bytes, least: int = 33) -> bool:
+        """Whether more of the answer than `piece` has arrived (at least `least` bytes of it; by
+        default, more than a chunk's framing), so that the next piece is there without waiting on
+        the network. Runs in the worker thread reading the call."""
         stream = self._stream
-        return stream is not None and stream.more_arrived(piece)
+        return stream is not None and stream.more_arrived(piece, least)
 
 
 class _InterruptibleStream(httpcore2.NetworkStream):
@@ -414,13 +415,13 @@ class _InterruptibleStream(httpcore2.NetworkStream):
     def forget_reads(self) -> None:
         self._unread = 0  # the head's read may have carried some of the body too: not counted
 
-    def more_arrived(self, piece: bytes) -> bool:
+    def more_arrived(self, piece: bytes, least: int) -> bool:
         # A read takes whatever has arrived, often several HTTP chunks, which the parser then
         # hands out one by one without reading again: count what is left of the read (never
         # more than is left: each piece is taken with the most framing a chunk can have).
         self._unread -= len(piece) + len(b"%x" % len(piece)) + 4
-        if self._unread > 32:
-            return True  # more than a chunk's framing is left: the next piece is there already
+        if self._unread >= least:
+            return True  # the parser holds that much already
         fresh, self._reads_seen = self._reads != self._reads_seen, self._reads
         if fresh and self._last_read <= len(piece) + 32:
             return False  # the read carried this one HTTP chunk alone, as most reads do
@@ -713,10 +714,14 @@ def upstream_events(call: UpstreamCall, response: httpx2.Response, whole_events:
     payloads: list[bytes] = []
     failure: StreamFailure | None = None
     try:
-        for data in response.iter_bytes():
+        pieces = response.iter_bytes()
+        for data in pieces:
             payloads += decoder.feed(data)
             if DONE in payloads:
                 del payloads[payloads.index(DONE) + 1 :]
+                yield payloads
+                payloads = []
+                _read_end_if_arrived(call, pieces, data)
                 break
             if payloads and (len(payloads) >= MAX_BATCH or not call.more_arrived(data)):
                 yield payloads
@@ -736,6 +741,21 @@ def upstream_events(call: UpstreamCall, response: httpx2.Response, whole_events:
         yield payloads  # what arrived before the end, or before the failure
     if failure is not None:
         raise failure
+
+
+BODY_END_BYTES = len(b"0\r\n\r\n")  # the last chunk of a chunked body
+
+
+def _read_end_if_arrived(call: UpstreamCall, pieces: Iterator[bytes], last: bytes) -> None:
+    """After [DONE], read the rest of the HTTP body (its last chunk) if it has arrived already, as
+    it usually has, with [DONE] or just after: a response read to its end leaves its connection
+    to the pool for the next call, where one closed early costs a new connection. Nothing after
+    [DONE] is waited for, and nothing there can fail an answer that is complete."""
+    try:
+        while call.more_arrived(last, BODY_END_BYTES):
+            last = next(pieces)
+    except (StopIteration, httpx2.HTTPError, OSError):
+        pass
 
 
 def parse_chunk(payload: bytes) -> dict[str, Any]:

@@ -304,3 +304,17 @@ def test_captured_streams_stream_their_exact_text(fake: FakeUpstream, client: ht
     assert relayed[-1] == "[DONE]"
     original = [data for _, data in sse_events(iter(raw.decode().replace("\r\n", "\n").split("\n") + [""]))]
     assert [data for data in relayed if data != "[DONE]"] == [data for data in original if data != "[DONE]"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/chat"])
+def test_answers_one_after_the_other_reuse_one_upstream_connection(fake: FakeUpstream, client: httpx.Client, path: str) -> None:
+    """An answer read to the end of its body ([DONE], then the chunked body's last chunk) leaves
+    its upstream connection to the next one: no new connection (and TIME_WAIT socket) per answer."""
+    v1 = path.startswith("/v1")
+    fake.expect(*[Reply(delay=0.01) for _ in range(3)])  # paced, as models send: not all in one read
+    for _ in range(3):
+        response = client.post(path, json=completion_body(stream=True) if v1 else {"message": "hi"})
+        assert response.status_code == 200
+        assert response.text.endswith("data: [DONE]\n\n") if v1 else response.text == "Hello, world!"
+    connections = {request.connection for request in fake.wait_for_requests(3)}
+    assert len(connections) == 1, connections

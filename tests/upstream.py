@@ -114,6 +114,7 @@ class Recorded:
     pieces_sent: int = 0
     method: str = "POST"
     query: dict[str, str] = field(default_factory=dict)
+    connection: tuple[str, int] | None = None  # the service's end of the connection it came on
 
 
 def _json(obj: object) -> bytes:
@@ -639,7 +640,7 @@ class FakeUpstream:
 
         reply = self._next_reply(body)
         rec = Recorded(path=request.path, headers=request.headers, body=body, received_at=request.received_at,
-                       method=request.method, query=request.query)
+                       method=request.method, query=request.query, connection=conn.writer.get_extra_info("peername"))
         with self._cond:
             self.requests.append(rec)
             self._cond.notify_all()
