@@ -56,6 +56,7 @@ def start_and_fail(env: dict[str, str]) -> str:
         ("RESUME_LEASE_SECONDS", "forever"),
         ("RESUME_MAX_ANSWER_BYTES", "1.5"),
         ("RESUME_MAX_BYTES", "100"),
+        ("PIN_WORKERS", "yes please"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str) -> None:
