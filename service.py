@@ -276,6 +276,9 @@ class ClientGone(openai.OpenAIError):
 _serving: ContextVar[UpstreamCall | None] = ContextVar("serving_upstream_call", default=None)
 
 
+TIMEOUT_NOT_SET = -1.0  # never a timeout httpcore asks for (a sentinel of False would equal 0.0)
+
+
 class UpstreamCall:
     """One request to the upstream (one round of an answer), abortable from any thread."""
 
@@ -348,7 +351,7 @@ class _InterruptibleStream(httpcore2.NetworkStream):
         self._poll: select.poll | None = None
         # httpcore's own stream over a socket of its own (not TLS inside a proxy's TLS): read here.
         self._reads_socket = type(inner) is httpcore2._backends.sync.SyncStream and type(self._socket) in (socket.socket, ssl.SSLSocket)
-        self._read_timeout: float | None | bool = False  # the socket's, as read() last set it; False: not set
+        self._read_timeout: float | None = TIMEOUT_NOT_SET  # the socket's, as read() last set it
 
     def _attach(self) -> UpstreamCall | None:
         call = _serving.get()
@@ -403,7 +406,7 @@ class _InterruptibleStream(httpcore2.NetworkStream):
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._attach()
-        self._read_timeout = False  # httpcore sets the socket's timeout for the write
+        self._read_timeout = TIMEOUT_NOT_SET  # httpcore sets the socket's timeout for the write
         self._inner.write(buffer, timeout)
 
     def close(self) -> None:
