@@ -277,6 +277,7 @@ _serving: ContextVar[UpstreamCall | None] = ContextVar("serving_upstream_call", 
 
 
 TIMEOUT_NOT_SET = -1.0  # never a timeout httpcore asks for (a sentinel of False would equal 0.0)
+CHUNK_FRAMING_BYTES = 32  # the most an HTTP chunk's size line and CRLFs take, in practice
 
 
 class UpstreamCall:
@@ -332,7 +333,7 @@ class UpstreamCall:
         if self._stream is not None:
             self._stream.forget_reads()
 
-    def more_arrived(self, piece: bytes, least: int = 33) -> bool:
+    def more_arrived(self, piece: bytes, least: int = CHUNK_FRAMING_BYTES + 1) -> bool:
         """Whether more of the answer than `piece` has arrived (at least `least` bytes of it; by
         default, more than a chunk's framing), so that the next piece is there without waiting on
         the network. Runs in the worker thread reading the call."""
@@ -429,7 +430,7 @@ class _InterruptibleStream(httpcore2.NetworkStream):
         if self._unread >= least:
             return True  # the parser holds that much already
         fresh, self._reads_seen = self._reads != self._reads_seen, self._reads
-        if fresh and self._last_read <= len(piece) + 32:
+        if fresh and self._last_read <= len(piece) + CHUNK_FRAMING_BYTES:
             return False  # the read carried this one HTTP chunk alone, as most reads do
         if self._poll is None:
             self._poll = select.poll()  # not select(), which fails for sockets numbered over 1023
