@@ -17,6 +17,7 @@ RUN pip install -r requirements.txt
 
 RUN useradd --create-home --uid 10001 relay
 COPY service.py .
+COPY relay/ relay/
 COPY static/ static/
 USER relay
 

@@ -9,8 +9,8 @@ itself (no thread), in one run:
     event loop    a uvloop protocol per socket reads each token and writes it on
     thread hop    one task per stream: `async for piece in iterate_in_threadpool(reader)`, where
                   the reader is a generator blocked in `socket.recv()`, then writes it on
-    thread hop, pinned     the same, with every thread of the process on one CPU and the reading
-                  threads as SCHED_BATCH, as the service does with PIN_WORKERS=1
+    thread hop, pinned     the same, placed by the service's own `relay.placement` as PIN_WORKERS=1
+                  places it: every thread of the process on one CPU, the reading threads SCHED_BATCH
 
 A feeder process writes `data: x\\n\\n` into one end of a socket pair per stream, at RATE tokens
 per second per stream, spread evenly; the measured process reads the other end and writes each
@@ -32,10 +32,14 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio.to_thread
 import uvloop
 from starlette.concurrency import iterate_in_threadpool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the service's package, from bench/
+from relay.placement import placement  # noqa: E402
 
 RATE = 20  # tokens per second per stream, as bench/run.py's paced levels
 WARM_UP = 2.0
@@ -58,11 +62,9 @@ def feed(sockets: list[socket.socket], rate: float) -> None:
 
 def blocking_reads(sock: socket.socket, batch: bool) -> Iterator[bytes]:
     """What a worker thread runs per hop: one blocking read (as the service reads its upstream)."""
-    marked = False
     while data := sock.recv(65536):
-        if batch and not marked:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-            marked = True
+        if batch:
+            placement.upstream_thread()  # as the service's upstream reads call it
         yield data
 
 
@@ -79,9 +81,7 @@ async def measure(way: str, sources: list[socket.socket], sinks: list[socket.soc
     counter = [0]
     loop = asyncio.get_running_loop()
     if way.endswith("pinned"):
-        cpu = min(os.sched_getaffinity(0))
-        for thread in os.listdir("/proc/self/task"):
-            os.sched_setaffinity(int(thread), {cpu})
+        placement.pin()
     anyio.to_thread.current_default_thread_limiter().total_tokens = len(sources) + 40
     tasks = []
     if way == "event loop":

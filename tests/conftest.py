@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +58,16 @@ class Service:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            # gunicorn's arbiter keeps an inherited "ignore SIGINT" (a test run started in the
+            # background has one); SIGTERM is a graceful stop under every launcher.
+            self.process.send_signal(signal.SIGTERM if "gunicorn" in self.process.args else signal.SIGINT)
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
+        with suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # workers it left behind, if any
 
 
 def service_env(**env: str) -> dict[str, str]:
@@ -75,18 +79,27 @@ def service_env(**env: str) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "SHED_LAG_MS": "2000", **env}
 
 
+# The ways users start the service; "{port}" stands for the free port the test picked.
+PYTHON_SERVICE = [sys.executable, "service.py"]
+UVICORN = [sys.executable, "-m", "uvicorn", "service:app", "--host", "127.0.0.1", "--port", "{port}"]
+GUNICORN = [sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-b", "127.0.0.1:{port}", "service:app"]
+LAUNCHERS = {"python_service_py": PYTHON_SERVICE, "uvicorn_service_app": UVICORN}
+
+
 def launch(log_dir: Path, env: dict[str, str], command: list[str] | None = None) -> Service:
-    """Start `python service.py` on a free loopback port and wait until /healthz answers."""
+    """Start the service (`python service.py` unless `command` says otherwise) on a free loopback
+    port and wait until /healthz answers."""
     for attempt in range(3):  # a free port can be taken between probing and binding; try another
         port = free_port()
         log_path = log_dir / f"service-{port}.log"
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                command or [sys.executable, "service.py"],
+                [part.replace("{port}", str(port)) for part in command or PYTHON_SERVICE],
                 cwd=ROOT,
                 env={**service_env(**env), "HOST": "127.0.0.1", "PORT": str(port)},
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # a group of its own: its workers are stopped with it
             )
         service = Service(process, f"http://127.0.0.1:{port}", log_path)
         deadline = time.monotonic() + START_SECONDS

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-import service
+from relay.config import ConfigError, load_settings
 
 from conftest import ROOT, Service, free_port, service_env, upstream_env
 from upstream import FakeUpstream
@@ -60,8 +60,8 @@ def start_and_fail(env: dict[str, str]) -> str:
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str) -> None:
-    with pytest.raises(service.ConfigError, match=f"^{variable} "):
-        service.load_settings({variable: value})
+    with pytest.raises(ConfigError, match=f"^{variable} "):
+        load_settings({variable: value})
 
 
 @pytest.mark.parametrize(("variable", "value"), [("PORT", "eighty"), ("HEARTBEAT_SECONDS", "-1")])
@@ -110,3 +110,43 @@ def test_the_demo_model_streams_end_to_end(start_service: Callable[..., Service]
     assert chunks[-1]["usage"]["completion_tokens"] == 3
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     assert events[-2:] == ["data: [DONE]", ""]
+
+
+IMPORT_PROBE = """
+import os, sys, threading, traceback
+root = sys.argv[1]
+read = []
+def note(name):
+    # The code that asked: the innermost frame outside os, Mapping's helpers and this probe.
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if frame.filename not in ("<frozen os>", "<string>") and "_collections_abc" not in frame.filename:
+            if frame.filename.startswith(root):
+                read.append(name)
+            return
+class Watched(os._Environ):
+    def __getitem__(self, name):
+        note(name)
+        return super().__getitem__(name)
+    def __contains__(self, name):
+        note(name)
+        return super().__contains__(name)
+environ = os.environ
+os.environ = Watched(environ._data, environ.encodekey, environ.decodekey, environ.encodevalue, environ.decodevalue)
+import service, relay.serving, relay.runtime, relay.answers, relay.demo, relay.placement
+print("read:", sorted(set(read)), "threads:", threading.active_count(), "fds:", len(os.listdir("/proc/self/fd")))
+"""
+
+
+def test_importing_the_service_reads_no_setting_and_starts_nothing() -> None:
+    """Importing service.py read its settings, built the app, and exited without the right
+    environment: a benchmark could not import a piece of it."""
+    baseline = subprocess.run(
+        [sys.executable, "-c", 'import os; print("fds:", len(os.listdir("/proc/self/fd")))'], env={"PORT": "eighty"},
+        capture_output=True, text=True, timeout=30,
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, str(ROOT)], cwd=ROOT, env={"PORT": "eighty", "MAX_STREAMS": "none"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"read: [] threads: 1 {baseline.stdout.strip()}" in result.stdout, result.stdout

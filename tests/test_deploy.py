@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
-from conftest import AUTH, ROOT, Service, upstream_env, wait_until
+from conftest import AUTH, GUNICORN, PYTHON_SERVICE, ROOT, UVICORN, Service, upstream_env, wait_until
 from upstream import FakeUpstream
 
 
@@ -52,13 +53,13 @@ def test_the_image_runs_as_a_user_and_starts_like_the_procfile() -> None:
 def test_dependencies_are_a_layer_of_their_own() -> None:
     steps = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith(("COPY", "RUN pip"))]
     assert steps[:2] == ["COPY requirements.txt .", "RUN pip install -r requirements.txt"]
-    assert "COPY service.py ." in steps[2:]
+    assert "COPY service.py ." in steps[2:] and "COPY relay/ relay/" in steps[2:]
 
 
 def test_the_ignore_file_keeps_secrets_and_clutter_out() -> None:
     lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"  # everything is excluded unless listed
-    assert sorted(lines[1:]) == ["!requirements.txt", "!service.py", "!static/"]
+    assert sorted(lines[1:]) == ["!relay/", "!requirements.txt", "!service.py", "!static/"]
 
 
 def test_the_health_check_command_works(start_service: Callable[..., Service]) -> None:
@@ -78,8 +79,19 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def test_web_concurrency_starts_workers_and_metrics_add_up(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
-    service = start_service(upstream_env(fake, WEB_CONCURRENCY="2"))
+TWO_WORKERS = {
+    "python_service_py": (PYTHON_SERVICE, {"WEB_CONCURRENCY": "2"}),
+    "uvicorn_workers": ([*UVICORN, "--workers", "2"], {}),
+    "gunicorn_uvicorn_workers": ([*GUNICORN, "--workers", "2"], {}),
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(TWO_WORKERS))
+def test_two_workers_start_and_metrics_add_up(fake: FakeUpstream, start_service: Callable[..., Service], launcher: str) -> None:
+    """Under `uvicorn service:app --workers 2`, three answers were served and /metrics counted two:
+    each worker reported only its own counts."""
+    command, env = TWO_WORKERS[launcher]
+    service = start_service(upstream_env(fake, **env), command)
     wait_until(lambda: len(children(service.pid)) >= 2)  # uvicorn's supervisor and its two workers
     with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
         for _ in range(12):

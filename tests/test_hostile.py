@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import AUTH, KEY, Service, launch, upstream_env, wait_until
+from conftest import AUTH, KEY, LAUNCHERS, UVICORN, Service, launch, upstream_env, wait_until
 from upstream import FakeUpstream, Reply
 
 MAX_STREAMS = 2
@@ -27,19 +27,29 @@ NORMAL_TEXT = "Hello, world!"  # the fake upstream's default reply
 SERVICE = [sys.executable, "service.py"]  # as conftest.launch starts it, here under prlimit
 
 
+def guarded_env(upstream: FakeUpstream) -> dict[str, str]:
+    return upstream_env(
+        upstream,
+        MAX_STREAMS=str(MAX_STREAMS),
+        SEND_TIMEOUT_SECONDS="1",
+        REQUEST_TIMEOUT_SECONDS="1",
+        MAX_HEADER_BYTES=str(MAX_HEADER_BYTES),
+        UPSTREAM_MAX_RETRIES="2",
+    )
+
+
 @pytest.fixture(scope="module")
 def guarded(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    running = launch(
-        tmp_path_factory.mktemp("hostile"),
-        upstream_env(
-            upstream,
-            MAX_STREAMS=str(MAX_STREAMS),
-            SEND_TIMEOUT_SECONDS="1",
-            REQUEST_TIMEOUT_SECONDS="1",
-            MAX_HEADER_BYTES=str(MAX_HEADER_BYTES),
-            UPSTREAM_MAX_RETRIES="2",
-        ),
-    )
+    """`python service.py`: the app and its serving layer."""
+    running = launch(tmp_path_factory.mktemp("hostile"), guarded_env(upstream))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module", params=sorted(LAUNCHERS))
+def guarded_by(request: pytest.FixtureRequest, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The service started each way users start it: what the app enforces holds under all."""
+    running = launch(tmp_path_factory.mktemp("hostile"), guarded_env(upstream), LAUNCHERS[request.param])
     yield running
     running.stop()
 
@@ -105,7 +115,7 @@ def chat_head(length: int, path: str = "/chat") -> bytes:
 # -- clients that never read ----------------------------------------------------------------------
 
 
-def test_a_client_that_never_reads_is_dropped_and_its_slot_released(fake: FakeUpstream, guarded: Service) -> None:
+def test_a_client_that_never_reads_is_dropped_and_its_slot_released(fake: FakeUpstream, guarded_by: Service) -> None:
     """With MAX_STREAMS=2, two clients that read nothing held both slots forever: the final frame
     (or any piece) waited on their full TCP window."""
     fake.default = Reply(pieces=["x" * 16384] * 300)  # ~5 MB: more than any socket buffers hold
@@ -113,7 +123,7 @@ def test_a_client_that_never_reads_is_dropped_and_its_slot_released(fake: FakeUp
     for _ in range(MAX_STREAMS):
         connection = socket.socket()
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
-        connection.connect(address(guarded))
+        connection.connect(address(guarded_by))
         body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
         connection.sendall(chat_head(len(body), "/v1/chat/completions") + body)
         stalled.append(connection)
@@ -122,37 +132,37 @@ def test_a_client_that_never_reads_is_dropped_and_its_slot_released(fake: FakeUp
     # SEND_TIMEOUT_SECONDS=1: each is dropped about a second after its window filled.
     assert all(recorded.closed.wait(10) for recorded in requests), "a stalled client still holds its upstream call"
     assert time.monotonic() - started < 10
-    with httpx.Client(base_url=guarded.base_url, headers=AUTH, timeout=10) as http:
+    with httpx.Client(base_url=guarded_by.base_url, headers=AUTH, timeout=10) as http:
         wait_until(lambda: http.get("/healthz").json()["active_streams"] == 0, timeout=5)
         fake.default = Reply()
         response = http.post("/chat", json={"message": "hi"})
         assert (response.status_code, response.text) == (200, NORMAL_TEXT)
     for connection in stalled:
         connection.close()
-    wait_until(lambda: sum(line["outcome"] == "client_stalled" for line in log_lines(guarded)) >= MAX_STREAMS, timeout=5)
-    stalled_lines = [line for line in log_lines(guarded) if line["outcome"] == "client_stalled"]
+    wait_until(lambda: sum(line["outcome"] == "client_stalled" for line in log_lines(guarded_by)) >= MAX_STREAMS, timeout=5)
+    stalled_lines = [line for line in log_lines(guarded_by) if line["outcome"] == "client_stalled"]
     assert all(line["status"] == 200 and line["path"] == "/v1/chat/completions" for line in stalled_lines)
 
 
 # -- slow, idle and unfinished requests -----------------------------------------------------------
 
 
-def test_a_slow_body_holds_no_slot_and_gets_408(fake: FakeUpstream, guarded: Service) -> None:
+def test_a_slow_body_holds_no_slot_and_gets_408(fake: FakeUpstream, guarded_by: Service) -> None:
     """Content-Length: 100 and one byte: such requests took every slot, and kept them."""
     slow = []
     for _ in range(MAX_STREAMS + 1):
-        connection = socket.create_connection(address(guarded), timeout=5)
+        connection = socket.create_connection(address(guarded_by), timeout=5)
         connection.sendall(chat_head(100) + b"{")
         slow.append(connection)
-    with httpx.Client(base_url=guarded.base_url, headers=AUTH, timeout=5) as http:
+    with httpx.Client(base_url=guarded_by.base_url, headers=AUTH, timeout=5) as http:
         response = http.post("/chat", json={"message": "hi"})
         assert (response.status_code, response.text) == (200, NORMAL_TEXT)
     for connection in slow:
         error = json_error(read_to_close(connection, 5), 408)
         assert error["code"] == "request_timeout" and "REQUEST_TIMEOUT_SECONDS" in error["message"]
         connection.close()
-    wait_until(lambda: sum(line["outcome"] == "request_timeout" and line["path"] == "/chat" for line in log_lines(guarded)) >= 3)
-    assert all(line["status"] == 408 for line in log_lines(guarded) if line["outcome"] == "request_timeout")
+    wait_until(lambda: sum(line["outcome"] == "request_timeout" and line["path"] == "/chat" for line in log_lines(guarded_by)) >= 3)
+    assert all(line["status"] == 408 for line in log_lines(guarded_by) if line["outcome"] == "request_timeout")
 
 
 @pytest.mark.parametrize(
@@ -223,6 +233,37 @@ def test_a_head_over_the_limit_gets_431_and_is_not_read(guarded: Service, size: 
         if size > 1024 * 1024:
             assert sent < size, "the 431 came only after the whole head was sent"
         assert time.monotonic() - started < 5
+
+
+def test_a_head_over_the_limit_is_not_read_past_it(guarded: Service) -> None:
+    """The 431 went out at the limit, but the service then read and dropped the rest of the head,
+    all 64 MB of it, before the connection closed. A client that sends without looking for the
+    answer is now held by TCP (nothing more is read) and cut off."""
+    head = head_of_size(64 * 1024 * 1024)
+    sent = 0
+    with socket.create_connection(address(guarded), timeout=5) as connection:
+        connection.settimeout(1)
+        deadline = time.monotonic() + 20
+        while sent < len(head) and time.monotonic() < deadline:
+            try:
+                sent += connection.send(head[sent : sent + (1 << 20)])
+            except (TimeoutError, BrokenPipeError, ConnectionResetError):
+                break  # nothing is read any more, or the connection is gone
+    # What the kernels buffer on the way (a few MB each side on loopback), never the whole head.
+    assert sent < 32 * 1024 * 1024, f"{sent} bytes of a 64 MB head were taken"
+    with httpx.Client(base_url=guarded.base_url, timeout=5) as http:
+        assert http.get("/healthz").status_code == 200
+
+
+def test_only_a_server_without_the_serving_layer_is_warned_of_once(guarded_by: Service) -> None:
+    with httpx.Client(base_url=guarded_by.base_url, timeout=5) as http:
+        for _ in range(3):
+            assert http.get("/healthz").status_code == 200
+    by_hand = guarded_by.process.args[: len(UVICORN) - 1] == UVICORN[:-1]
+    warnings = guarded_by.log().count("Served without the serving layer")
+    assert warnings == (1 if by_hand else 0)
+    if by_hand:
+        assert "uvicorn service:app --http relay.serving:ServingProtocol" in guarded_by.log()
 
 
 # -- descriptors ----------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-import service as service_module
+from relay.admission import LIMIT_FLOOR, LoadShedder
+from relay.upstream import UpstreamCall
 
 from conftest import AUTH, Service, upstream_env, wait_until
 from test_lifecycle import COMPLETIONS, open_raw_stream, read_until
@@ -45,7 +46,7 @@ def open_held_streams(service: Service, fake: FakeUpstream, rest: threading.Even
     """As many admitted streams as a worker needs open before lateness is blamed on its streams,
     each with its first piece read and the rest held until `rest` is set."""
     fake.default = Reply(pieces=["first", " second"], gates={1: rest})
-    streams = [open_raw_stream(service, *COMPLETIONS) for _ in range(service_module.LIMIT_FLOOR)]
+    streams = [open_raw_stream(service, *COMPLETIONS) for _ in range(LIMIT_FLOOR)]
     for stream in streams:
         read_until(stream, b"first")
     return streams
@@ -135,7 +136,7 @@ def test_a_steady_overload_meets_a_steady_count_of_streams() -> None:
     its capacity, offered far more new streams than that for a minute: the count of open streams
     settles near the capacity and stays there, instead of waves of admissions and refusals."""
     capacity, tick = 150, 0.01
-    shedder = service_module.LoadShedder(0.02, 500)
+    shedder = LoadShedder(0.02, 500)
     chance = random.Random(13)
     ends: list[float] = []  # of the open streams, each 3-7 s long
     counts: list[int] = []
@@ -157,9 +158,9 @@ def test_new_streams_are_forgotten_once_set_up_also_with_few_streams_open() -> N
     """With fewer streams open than it ever refuses for, the controller never checks its list of
     new streams waiting for a thread; it must forget the served ones anyway, or a small
     deployment would keep every call it ever made."""
-    shedder = service_module.LoadShedder(0.02, 500)
+    shedder = LoadShedder(0.02, 500)
     for _ in range(1000):
-        call = service_module.UpstreamCall()
+        call = UpstreamCall()
         shedder.setting_up(call)
         call.thread_wait = 0.001  # its worker thread took it
         assert shedder.admits(1)

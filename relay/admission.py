@@ -1,0 +1,196 @@
+"""Admission: who may start a stream now. MAX_STREAMS is the hard cap (a `Slot` each); below it,
+load shedding refuses new streams at once when this process could not relay them on time.
+
+Every piece of every answer passes through this process's event loop and its GIL, so when the
+process has more to do than its core allows, each stream it relays is late by as much, and
+queueing more streams only makes all of them later. So the process measures how late it runs:
+a probe that asks the loop to wake every 10 ms, the wait of each arrived piece until it is
+written, and a new stream's wait for a worker thread (the probe alone misses a loop that keeps
+its timers but has a queue of I/O behind them). While that lateness exceeds SHED_LAG_MS, new
+streams get 503 + Retry-After at once (the OpenAI SDKs retry by themselves, a load balancer
+sends the retry to another replica); streams already admitted are never cut. A burst of new
+streams is admitted at the rate the process sets them up: a few per probe while it runs at all
+late, and none during a short spell of lateness, which passes. Lateness that lasts means the
+open streams are too many, and teaches a limit on them, as Netflix's AIMD limiter or a TCP
+congestion window learns: 90 % of the streams open then, raised a little at a time while the
+process keeps time, so that a steady overload meets a steady count, not waves of admissions.
+MAX_STREAMS stays the hard cap above it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from relay.errors import ServiceError
+from relay.observability import Metrics
+from relay.upstream import UpstreamCall
+
+PROBE_SECONDS = 0.01
+STARTS_PER_PROBE = 1  # new streams per probe while the loop runs a quarter of the bound late
+LIMIT_CUT = 0.9  # of the open streams, when the loop runs late
+LIMIT_GROWTH = 0.1  # of the limit per second, plus one stream, while it keeps time and refuses
+LIMIT_RETURN = 0.5  # of the limit per second, plus one stream, while it keeps time with room to spare
+SUSTAINED_SECONDS = 0.25  # of lateness, before the limit is cut
+CUT_INTERVAL_SECONDS = 1.0  # of lasting lateness between two cuts
+LIMIT_FLOOR = 10  # fewer open streams do not make the loop late (something else did), and are always admitted
+
+
+class LoadShedder:
+    """Measures how late the event loop runs, and decides on it whether a new stream may start."""
+
+    def __init__(self, bound: float, max_streams: int) -> None:
+        self.bound = bound  # seconds; 0 turns shedding off
+        self.max_streams = max_streams
+        self.limit = float(max_streams)
+        self.lag = 0.0  # seconds, smoothed over the last few probes
+        self.lagging = False
+        self.lagging_for = 0.0  # seconds
+        self._next_cut = SUSTAINED_SECONDS  # of lagging_for
+        self._due = math.inf  # when the probe asked to wake next
+        self._longest_wait = 0.0  # of a piece of an answer since the last probe
+        self._setups: deque[UpstreamCall] = deque()  # new streams' first calls, oldest first
+        self._starts_left = math.inf  # new streams that may start until the next probe
+
+    async def run(self, open_streams: Callable[[], int]) -> None:
+        """The probe: runs on the event loop for the life of the app."""
+        if not self.bound:
+            return
+        while True:
+            # Not loop.time(): uvloop's clock is read before the loop waits for the GIL, which
+            # is where a process busy in its worker threads makes the loop late.
+            asked = time.monotonic()
+            self._due = asked + PROBE_SECONDS
+            await asyncio.sleep(PROBE_SECONDS)
+            now = time.monotonic()
+            late, self._longest_wait = max(now - self._due, self._longest_wait), 0.0
+            self.observe(late, now - asked, open_streams())
+
+    def waited(self, seconds: float) -> None:
+        """Work that was ready waited `seconds` for this process: a piece of an answer from its
+        arrival to its writing, or a new stream for a worker thread."""
+        if seconds > self._longest_wait:
+            self._longest_wait = seconds
+
+    def observe(self, late: float, elapsed: float, open_streams: int) -> None:
+        """One probe's finding: the loop was `late` seconds late, `elapsed` after the last probe."""
+        # Quick to rise, slower to fall: one late wake-up (a descheduled process) does not shed,
+        # two do; recovery is believed over about ten probes.
+        self.lag += (late - self.lag) * (0.5 if late > self.lag else 0.2)
+        # Setting a stream up costs a few milliseconds of the loop and the GIL, a burst of them
+        # all at once as many; while the loop is at all late, new streams are started a few per
+        # probe, spread out, instead of in waves between spells of lateness.
+        self._starts_left = STARTS_PER_PROBE if self.lag > self.bound / 4 else math.inf
+        if self.lag > self.bound:
+            self.lagging = True
+            self.lagging_for += elapsed
+            # A short spell is a burst being set up, and passes once the refusals stop it; a
+            # lasting one means the open streams themselves are more than the process relays.
+            # Streams end only at their own pace, so a cut is given a second to show before the
+            # next one: cutting at every probe would ratchet the limit down to the floor.
+            if self.lagging_for >= self._next_cut and open_streams > LIMIT_FLOOR:
+                self.limit = max(float(LIMIT_FLOOR), min(self.limit, open_streams * LIMIT_CUT))
+                self._next_cut = self.lagging_for + CUT_INTERVAL_SECONDS
+        elif self.lag < self.bound / 2:
+            self.lagging, self.lagging_for, self._next_cut = False, 0.0, SUSTAINED_SECONDS
+            # A limit in use is probed upwards slowly; one that is not (the overload is over)
+            # returns to MAX_STREAMS within seconds, so that the next burst meets the lateness
+            # check rather than a limit learnt from other streams long gone.
+            growth = LIMIT_GROWTH if open_streams >= self.limit - 1 else LIMIT_RETURN
+            self.limit = min(float(self.max_streams), self.limit + (self.limit * growth + 1) * elapsed)
+
+    def admits(self, open_streams: int) -> bool:
+        """Whether a new stream may start now (and if so, it counts as started). Cheap: called on
+        the event loop for each request, before its body is read."""
+        if not self.bound or open_streams < LIMIT_FLOOR:
+            return True  # so few streams do not make the loop late, and refusing them helps nobody
+        if self._refuses(open_streams) or self._starts_left < 1:
+            return False
+        self._starts_left -= 1
+        return True
+
+    def _refuses(self, open_streams: int) -> bool:
+        now = time.monotonic()
+        late_now = max(now - self._due, self._oldest_setup_waiting(now))
+        learnt_limit = self.limit < self.max_streams  # at MAX_STREAMS, the hard cap answers itself
+        return self.lagging or late_now > self.bound or (learnt_limit and open_streams >= self.limit)
+
+    def setting_up(self, call: UpstreamCall) -> None:
+        """A new stream's first upstream call is about to wait for a worker thread."""
+        self._setups.append(call)
+        self._forget_started()  # here too: with few streams open, admits() never looks
+
+    def _forget_started(self) -> None:
+        setups = self._setups
+        while setups and setups[0].thread_wait is not None:
+            setups.popleft()
+
+    def _oldest_setup_waiting(self, now: float) -> float:
+        """How long the oldest new stream still waiting for its worker thread has waited: seen
+        while it waits, not only once it is served, since a burst makes them all wait at once."""
+        self._forget_started()
+        return now - self._setups[0].created if self._setups else 0.0
+
+    def refuse(self, metrics: Metrics) -> ServiceError:
+        metrics.shed.inc()
+        return ServiceError(
+            503,
+            "The service is relaying as many streams as it can keep on time; retry shortly.",
+            "server_busy",
+            "server_busy",
+            headers=retry_hint(),
+        )
+
+    def report(self, open_streams: int) -> dict[str, Any]:
+        return {
+            "shedding": bool(self.bound) and open_streams >= LIMIT_FLOOR and self._refuses(open_streams),
+            "event_loop_lag_ms": round(self.lag * 1000, 1),
+            "stream_limit": int(self.limit),
+        }
+
+
+RETRY_AFTER_MS = (500, 1500)  # the spread of the retry hint a refusal under load gives
+
+
+def retry_hint() -> dict[str, str]:
+    """When a client refused under load should retry. The clients of one burst are refused
+    together; told the same second, they would all come back in the same instant and be refused
+    together again. So Retry-After says one second, and Retry-After-Ms (which the OpenAI SDKs
+    read first) spreads them around it."""
+    delay = random.randint(*RETRY_AFTER_MS)  # not secrets: nobody gains by guessing it
+    return {"Retry-After": "1", "Retry-After-Ms": str(delay)}
+
+
+class Slot:
+    """A place among MAX_STREAMS upstream calls, held from admission to the response's end."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter, metrics: Metrics) -> None:
+        self._limiter = limiter
+        try:
+            limiter.acquire_on_behalf_of_nowait(self)
+        except anyio.WouldBlock:
+            raise Slot.refusal(limiter, metrics) from None
+        self._held = True
+
+    @staticmethod
+    def refusal(limiter: anyio.CapacityLimiter, metrics: Metrics) -> ServiceError:
+        metrics.rejected.inc()
+        return ServiceError(
+            503,
+            f"The service is serving its maximum of {int(limiter.total_tokens)} streams; retry shortly.",
+            "server_busy",
+            "capacity_exceeded",
+            headers=retry_hint(),
+        )
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limiter.release_on_behalf_of(self)

@@ -1,0 +1,102 @@
+"""What every route that asks the upstream does the same way: admit the request (or refuse it
+cheaply, before its body is read), take a stream's slot once the body is in, call the upstream
+while watching for the client to leave, and turn errors into OpenAI-shaped answers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import httpx2
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from relay.admission import Slot
+from relay.checks import authenticate
+from relay.errors import ServiceError
+from relay.observability import OUTCOMES, exchange_of
+from relay.runtime import Runtime
+from relay.upstream import ClientGone, Opener, UpstreamCall, open_upstream
+
+T = TypeVar("T")
+
+
+def runtime_of(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+async def upstream_until_disconnect(request: Request, call: UpstreamCall, work: Awaitable[T]) -> T:
+    """Await `work` (an upstream call that has not started the response yet), aborting the call if
+    the client disconnects first."""
+
+    async def abort_on_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        call.abort()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(abort_on_disconnect)
+        try:
+            return await work
+        except Exception as error:  # raised below, outside the task group, so not as a group
+            failure = error
+        finally:
+            tasks.cancel_scope.cancel()
+    raise failure
+
+
+async def call_upstream(request: Request, body: dict[str, Any], open: Opener = open_upstream) -> tuple[UpstreamCall, httpx2.Response]:
+    """Note what the request asks of the upstream, and send it there (aborted if the client
+    leaves before the answer starts)."""
+    runtime, exchange = runtime_of(request), exchange_of(request)
+    exchange.model = body["model"]
+    exchange.prompt = body.get("messages", body.get("input")) if runtime.settings.log_content else None
+    call = UpstreamCall()
+    assert runtime.client is not None and runtime.shedder is not None
+    runtime.shedder.setting_up(call)
+    try:
+        return call, await upstream_until_disconnect(request, call, open(runtime.client, call, body))
+    finally:
+        if call.thread_wait is None:
+            call.thread_wait = 0.0  # it never reached a thread (refused, or its client left)
+        runtime.shedder.waited(call.thread_wait)
+
+
+def admit(request: Request) -> None:
+    """The refusals that cost nothing, before the body is read: the key, a shutdown, a full service."""
+    runtime = runtime_of(request)
+    authenticate(request, runtime.settings)
+    assert runtime.streams is not None and runtime.shutting_down is not None
+    if runtime.shutting_down.is_set():
+        raise ServiceError(503, "The service is shutting down; retry shortly.", "server_busy", "shutting_down", headers={"Retry-After": "1"})
+    assert runtime.shedder is not None
+    if not runtime.shedder.admits(int(runtime.streams.borrowed_tokens)):
+        raise runtime.shedder.refuse(runtime.metrics)
+    if runtime.streams.available_tokens < 1:
+        raise Slot.refusal(runtime.streams, runtime.metrics)
+
+
+def take_slot(request: Request) -> Slot:
+    """A stream's place, taken only once the whole request was read: a client that sends its body
+    slowly must not hold one."""
+    runtime = runtime_of(request)
+    assert runtime.streams is not None
+    return Slot(runtime.streams, runtime.metrics)
+
+
+def handle_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Turn ServiceError into its JSON response; a client gone before the answer gets nothing."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ServiceError as error:
+            exchange_of(request).outcome = error.outcome or OUTCOMES.get(error.type, "rejected")
+            return error.response()
+        except (ClientGone, ClientDisconnect):
+            return Response(status_code=499)  # nobody reads it; the log line says who left
+
+    wrapped.__name__ = endpoint.__name__
+    return wrapped
