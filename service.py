@@ -116,7 +116,7 @@ async def pass_through(
     check(body)
     check_sampling(body)
     body.setdefault("model", settings.model)
-    slot = take_slot(request)
+    slot = await take_slot(request, body)
     try:
         call, response = await call_upstream(request, body, open)
     except BaseException:
@@ -170,7 +170,7 @@ async def response_resource(request: Request) -> Response:
     events again (from ?starting_after=N), as POST /v1/responses does."""
     runtime = runtime_of(request)
     admit(request)
-    slot = take_slot(request)  # no body to wait for
+    slot = await take_slot(request, None)  # no body to wait for
     response_id = request.path_params["response_id"]
     path = request.url.path.removeprefix("/v1")
     stream = request.method == "GET" and not path.endswith("/input_items") and request.query_params.get("stream") == "true"
@@ -203,7 +203,7 @@ async def models(request: Request) -> Response:
     if cached is not None:
         return Response(cached, media_type="application/json")
     admit(request)
-    slot = take_slot(request)
+    slot = await take_slot(request, None)
     try:
         call = UpstreamCall()
         client = runtime.client
@@ -237,7 +237,7 @@ async def chat(request: Request) -> Response:
     admit(request)
     framing_name = negotiate(request.headers.get("accept", ""))
     upstream_body, continuations = chat_request(await chat_fields(request, settings), settings)
-    slot = take_slot(request)
+    slot = await take_slot(request, upstream_body)
     stream_id = new_stream_id()
     try:
         # Before the upstream is asked: an answer that cannot be kept is not paid for.

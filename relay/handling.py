@@ -4,7 +4,7 @@ while watching for the client to leave, and turn errors into OpenAI-shaped answe
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
@@ -78,9 +78,10 @@ def admit(request: Request) -> None:
         raise Slot.refusal(runtime.streams, runtime.metrics)
 
 
-def take_slot(request: Request) -> Slot:
-    """A stream's place, taken only once the whole request was read: a client that sends its body
-    slowly must not hold one."""
+async def take_slot(request: Request, body: Mapping[str, Any] | None) -> Slot:
+    """A stream's place, taken only once the whole request was read (`body`, what will be asked of
+    the upstream, or None for a request without one): a client that sends its body slowly must
+    not hold one. Released however the request ends."""
     runtime = runtime_of(request)
     assert runtime.streams is not None
     return Slot(runtime.streams, runtime.metrics)

@@ -2,9 +2,9 @@
 
 FAULTS below is THE fault table: each row says how the upstream misbehaves, with which service
 settings, and what the client must see. One parametrized test runs every row against every
-format, and `python tests/test_faults.py` prints the same table as markdown for README.md, so the
-documentation and the tests agree row for row (test_readme_fault_table_is_current checks it once
-README.md carries the table between its markers).
+format, and `python tests/test_faults.py` prints the same table as markdown for
+docs/limits-and-failures.md, so the documentation and the tests agree row for row
+(test_readme_fault_table_is_current checks the table between its markers there).
 """
 
 from __future__ import annotations
@@ -245,9 +245,10 @@ def fault_table() -> str:
 
 
 def test_readme_fault_table_is_current() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    assert TABLE_START in text, "README.md must carry the fault table (python tests/test_faults.py prints it)"
+    """docs/limits-and-failures.md carries FAULTS as `fault_table()` prints it, between its markers."""
+    page = ROOT / "docs" / "limits-and-failures.md"
+    text = page.read_text(encoding="utf-8")
+    assert TABLE_START in text, "docs/limits-and-failures.md must carry the fault table (python tests/test_faults.py prints it)"
     start = text.index(TABLE_START)
     assert text[start : text.index(TABLE_END) + len(TABLE_END)] + "\n" == fault_table()
 
