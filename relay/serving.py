@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 
 LINGER_SECONDS = 2.0  # for a client to read an answer of this layer before its connection is cut
+MIN_CONNECTIONS = 16  # fewer than this, and the process could not serve its own health checks
 DESCRIPTOR_RESERVE = 100  # log files, the event loop, the demo model, metrics files: not connections
 
 
@@ -85,7 +86,7 @@ class ServingProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         if ServingProtocol.settings is None:
             ServingProtocol.settings = load_settings(os.environ)  # as the app reads them; checked before serving
-            ServingProtocol.capacity = connection_capacity(ServingProtocol.settings)
+            ServingProtocol.capacity = self.first_capacity(ServingProtocol.settings)
         self.limits: Settings = ServingProtocol.settings
         self.expect_head()
         self.answered = False
@@ -102,6 +103,20 @@ class ServingProtocol(HttpToolsProtocol):
             self.answered = True
             transport.write(connection_answer(error))
             transport.close()
+
+    @staticmethod
+    def first_capacity(settings: Settings) -> int:
+        """The connection bound, for a process that `serve()` may not have started (uvicorn
+        --http relay.serving:ServingProtocol): its descriptor limit is raised here, and a limit
+        too low for MAX_STREAMS is said once instead of refusing every connection."""
+        raise_descriptor_limit()
+        capacity = connection_capacity(settings)
+        if capacity < MIN_CONNECTIONS:
+            log.warning(
+                "MAX_STREAMS=%d needs more open files than this process may have; it holds %d client connections "
+                "at most. Raise the limit (ulimit -n) or lower MAX_STREAMS.", settings.max_streams, MIN_CONNECTIONS,
+            )
+        return max(capacity, MIN_CONNECTIONS)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self.request_deadline, self.stall_check):
@@ -271,7 +286,7 @@ def serve(settings: Settings, app: str) -> None:
         # Each worker writes its metrics here, and /metrics in any worker adds them all up.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
     descriptors = raise_descriptor_limit()  # the workers inherit it
-    if connection_capacity(settings) < 16:
+    if connection_capacity(settings) < MIN_CONNECTIONS:
         sys.exit(
             f"service: configuration error: MAX_STREAMS={settings.max_streams} needs more open files than the limit of "
             f"{descriptors} allows; raise it (ulimit -n) or lower MAX_STREAMS."

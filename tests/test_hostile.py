@@ -292,6 +292,20 @@ def test_more_connections_than_descriptors_get_503_not_resets(fake: FakeUpstream
         assert http.post("/chat", json={"message": "hi"}).text == NORMAL_TEXT
 
 
+def test_the_serving_layer_under_uvicorn_raises_the_limit_or_says_it_is_too_low(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
+    """`uvicorn service:app --http relay.serving:ServingProtocol` never goes through serve(): with
+    MAX_STREAMS above what the soft limit leaves, it answered every connection with 503."""
+    with_layer = [*UVICORN, "--http", "relay.serving:ServingProtocol"]
+    service = start_service(upstream_env(fake, MAX_STREAMS="400"), ["prlimit", "--nofile=256:256", *with_layer])
+    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=5) as http:
+        assert http.get("/healthz").status_code == 200
+        assert http.post("/chat", json={"message": "hi"}).text == NORMAL_TEXT
+    assert "MAX_STREAMS=400 needs more open files than this process may have" in service.log()
+    raised = start_service(upstream_env(fake), ["prlimit", "--nofile=256:4096", *with_layer])
+    assert httpx.get(f"{raised.base_url}/healthz", timeout=5).status_code == 200
+    assert "Max open files            4096                 4096" in Path(f"/proc/{raised.pid}/limits").read_text()
+
+
 def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
     service = start_service(upstream_env(fake), ["prlimit", "--nofile=256:4096", *SERVICE])
     limits = Path(f"/proc/{service.pid}/limits").read_text()
