@@ -337,6 +337,7 @@ async def healthz(request: Request) -> Response:
             "active_streams": int(runtime.streams.borrowed_tokens),
             "max_streams": settings.max_streams,
             **runtime.shedder.report(int(runtime.streams.borrowed_tokens)),
+            **runtime.starts.report(),  # type: ignore[union-attr]
             "replay": runtime.replay.usage() if runtime.replay is not None else None,
         }
     )

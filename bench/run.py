@@ -90,6 +90,11 @@ def plan(quick: bool, levels: set[str] | None = None) -> list[Phase]:
         ramp = tokens / rate if rate else window / 3  # one stream's duration: then N stay open
         phases.append(Phase(level, "direct", V1, streams, tokens, rate, ramp, window))
         phases += [Phase(level, "service", path, streams, tokens, rate, ramp, window) for path in paths]
+    if levels is None or "burst" in levels:
+        # A burst on an idle worker: 60 streams asked at the same moment, each tried once (a curl
+        # user or a page has no retry), on both paths: all of them must be served.
+        for target, path in (("direct", V1), ("service", V1), ("service", CHAT)):
+            phases.append(Phase("burst", target, path, 60, 20 if quick else 40, 20, 0.01, 2.0, kind="burst"))
     if levels is None or "overload" in levels:
         offered, tokens = (300, 20) if quick else (1000, 100)
         for target in ("direct", "service"):

@@ -24,7 +24,9 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -34,7 +36,6 @@ from relay.observability import Metrics
 from relay.upstream import UpstreamCall
 
 PROBE_SECONDS = 0.01
-STARTS_PER_PROBE = 1  # new streams per probe while the loop runs a quarter of the bound late
 LIMIT_CUT = 0.9  # of the open streams, when the loop runs late
 LIMIT_GROWTH = 0.1  # of the limit per second, plus one stream, while it keeps time and refuses
 LIMIT_RETURN = 0.5  # of the limit per second, plus one stream, while it keeps time with room to spare
@@ -57,7 +58,7 @@ class LoadShedder:
         self._due = math.inf  # when the probe asked to wake next
         self._longest_wait = 0.0  # of a piece of an answer since the last probe
         self._setups: deque[UpstreamCall] = deque()  # new streams' first calls, oldest first
-        self._starts_left = math.inf  # new streams that may start until the next probe
+        self.probed: Callable[[], None] = lambda: None  # told after each probe: the start queue
 
     async def run(self, open_streams: Callable[[], int]) -> None:
         """The probe: runs on the event loop for the life of the app."""
@@ -72,6 +73,7 @@ class LoadShedder:
             now = time.monotonic()
             late, self._longest_wait = max(now - self._due, self._longest_wait), 0.0
             self.observe(late, now - asked, open_streams())
+            self.probed()
 
     def waited(self, seconds: float) -> None:
         """Work that was ready waited `seconds` for this process: a piece of an answer from its
@@ -84,10 +86,6 @@ class LoadShedder:
         # Quick to rise, slower to fall: one late wake-up (a descheduled process) does not shed,
         # two do; recovery is believed over about ten probes.
         self.lag += (late - self.lag) * (0.5 if late > self.lag else 0.2)
-        # Setting a stream up costs a few milliseconds of the loop and the GIL, a burst of them
-        # all at once as many; while the loop is at all late, new streams are started a few per
-        # probe, spread out, instead of in waves between spells of lateness.
-        self._starts_left = STARTS_PER_PROBE if self.lag > self.bound / 4 else math.inf
         if self.lag > self.bound:
             self.lagging = True
             self.lagging_for += elapsed
@@ -107,14 +105,22 @@ class LoadShedder:
             self.limit = min(float(self.max_streams), self.limit + (self.limit * growth + 1) * elapsed)
 
     def admits(self, open_streams: int) -> bool:
-        """Whether a new stream may start now (and if so, it counts as started). Cheap: called on
-        the event loop for each request, before its body is read."""
+        """Whether a new stream may start now without making the admitted ones late. Cheap:
+        called on the event loop for each start."""
         if not self.bound or open_streams < LIMIT_FLOOR:
             return True  # so few streams do not make the loop late, and refusing them helps nobody
-        if self._refuses(open_streams) or self._starts_left < 1:
+        return not self._refuses(open_streams)
+
+    def hopeless(self, open_streams: int, within: float) -> bool:
+        """Whether a new stream cannot expect to start within `within` seconds: the loop is later
+        than that already, or has run late for long (its open streams are more than it relays on
+        time), or they fill the limit that lateness taught. A short spell of lateness, such as
+        setting up a burst causes, is not: it passes within the wait."""
+        if not self.bound or open_streams < LIMIT_FLOOR:
             return False
-        self._starts_left -= 1
-        return True
+        late_now = time.monotonic() - self._due
+        learnt_limit = self.limit < self.max_streams
+        return late_now > within or self.lagging_for >= SUSTAINED_SECONDS or (learnt_limit and open_streams >= self.limit)
 
     def _refuses(self, open_streams: int) -> bool:
         now = time.monotonic()
@@ -154,6 +160,146 @@ class LoadShedder:
             "event_loop_lag_ms": round(self.lag * 1000, 1),
             "stream_limit": int(self.limit),
         }
+
+
+START_SETUPS = 4  # new streams set up at once: more only wait for the GIL, and make the loop late
+SETUP_SECONDS = 0.05  # a set-up that takes longer waits on the network, not on this process
+SETUP_GUESS = 0.008  # seconds one set-up takes, expected until some were measured
+
+
+@dataclass(eq=False)
+class Turn:
+    """One new stream's place in the start queue, and then its set-up."""
+
+    queued: float = field(default_factory=time.monotonic)
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    granted: float | None = None
+    over: bool = False  # set up (its first upstream call answered or failed), or gone
+    over_at: float = 0.0
+
+
+class StartQueue:
+    """New streams waiting for their turn to start, oldest first, bounded in number and in wait.
+
+    Setting a stream up costs a few milliseconds of the event loop and the GIL; a burst of them
+    all at once makes every admitted stream late for as long. So a new stream starts at once while
+    few are being set up and the worker keeps time, and otherwise waits here for its turn: a burst
+    is served at the rate the worker sets streams up, not refused. A stream that cannot expect to
+    start within START_QUEUE_MS (the worker is in lasting overload, or the queue is that long
+    already) is refused at once, as before. Waiting holds no slot and no upstream call: a client
+    that leaves while it waits costs nothing."""
+
+    def __init__(self, shedder: LoadShedder, bound: float, length: int, open_streams: Callable[[], int], metrics: Metrics) -> None:
+        self.shedder, self.bound, self.length, self.open_streams, self.metrics = shedder, bound, length, open_streams, metrics
+        self.waiting: deque[Turn] = deque()
+        self.setting_up: deque[Turn] = deque()
+        self.setup_seconds = SETUP_GUESS  # how long one set-up takes, smoothed
+        self.held_since: float | None = None  # since when the worker's lateness holds the queue
+        self.longest_wait = 0.0  # of the streams started since the last report
+        shedder.probed = self.dispatch
+
+    def expected_wait(self) -> float:
+        """How long a stream queued now would wait: its place in the queue at the measured rate of
+        set-ups, and, while the worker's lateness holds the queue, that much longer again."""
+        wait = (len(self.waiting) + 1) * self.setup_seconds / START_SETUPS
+        if self.held_since is not None:
+            wait += time.monotonic() - self.held_since
+        return wait
+
+    def refuses(self) -> bool:
+        """Whether a new stream is refused at once: cheap, before its body is read."""
+        if not self.shedder.bound:
+            return False
+        expected = self.expected_wait()
+        if len(self.waiting) >= self.length or expected > self.bound:
+            return True
+        return self.shedder.hopeless(self.open_streams(), self.bound - expected)
+
+    async def wait_turn(self, client_left: Callable[[], Awaitable[None]]) -> Turn:
+        """Wait for this stream's turn to start. Raises StartRefused past START_QUEUE_MS, and
+        ClientLeft when `client_left` (which returns once the client is gone) returns first."""
+        turn = Turn()
+        if not self.shedder.bound or (not self.waiting and self.can_start()):
+            self.grant(turn)
+            return turn
+        self.waiting.append(turn)
+        self.metrics.queued_streams.inc()
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            await client_left()
+            left = True
+            tasks.cancel_scope.cancel()
+
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(watch)
+                with anyio.move_on_after(max(self.bound - (time.monotonic() - turn.queued), 0.0)):
+                    await turn.ready.wait()
+                tasks.cancel_scope.cancel()
+        finally:
+            if turn.granted is None:
+                turn.over = True
+                with suppress(ValueError):
+                    self.waiting.remove(turn)
+                    self.metrics.queued_streams.dec()
+            elif left:
+                self.set_up(turn)  # granted as its client left: the next one may start
+        if left:
+            raise ClientLeft()
+        if turn.granted is None:
+            raise StartRefused()
+        return turn
+
+    def can_start(self) -> bool:
+        now = time.monotonic()
+        while self.setting_up and (self.setting_up[0].over or now - (self.setting_up[0].granted or now) > SETUP_SECONDS):
+            self.measure(self.setting_up.popleft(), now)
+        if len(self.setting_up) >= START_SETUPS:
+            return False
+        if not self.shedder.admits(self.open_streams()):
+            if self.held_since is None:
+                self.held_since = now
+            return False
+        self.held_since = None
+        return True
+
+    def measure(self, turn: Turn, now: float) -> None:
+        if turn.granted is not None:
+            took = min(now - turn.granted, SETUP_SECONDS) if not turn.over else min(turn.over_at - turn.granted, SETUP_SECONDS)
+            self.setup_seconds += (took - self.setup_seconds) * 0.2
+
+    def grant(self, turn: Turn) -> None:
+        now = turn.granted = time.monotonic()
+        self.setting_up.append(turn)
+        self.longest_wait = max(self.longest_wait, now - turn.queued)
+        self.metrics.queue_wait.observe(now - turn.queued)
+        turn.ready.set()
+
+    def set_up(self, turn: Turn) -> None:
+        """The stream's first upstream call answered, or failed: the next one may start."""
+        if not turn.over:
+            turn.over, turn.over_at = True, time.monotonic()
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Start waiting streams while the worker can: after each set-up and each probe."""
+        while self.waiting and self.can_start():
+            self.grant(self.waiting.popleft())
+            self.metrics.queued_streams.dec()
+
+    def report(self) -> dict[str, Any]:
+        longest, self.longest_wait = self.longest_wait, 0.0
+        return {"queued": len(self.waiting), "queue_wait_ms": round(longest * 1000, 1)}
+
+
+class StartRefused(Exception):
+    """A new stream did not get its turn to start within START_QUEUE_MS."""
+
+
+class ClientLeft(Exception):
+    """The client of a new stream left while it waited for its turn."""
 
 
 RETRY_AFTER_MS = (500, 1500)  # the spread of the retry hint a refusal under load gives

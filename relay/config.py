@@ -28,6 +28,8 @@ class Settings:
     workers: int = 1
     max_streams: int = 500
     shed_lag_seconds: float = 0.02
+    start_queue_seconds: float = 0.25
+    start_queue_length: int = 200
     heartbeat_seconds: float = 15.0
     shutdown_grace_seconds: float = 20.0
     connect_timeout: float = 10.0
@@ -107,6 +109,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         workers=number("WEB_CONCURRENCY", 1, 1, 64, int),
         max_streams=number("MAX_STREAMS", 500, 1, 100_000, int),
         shed_lag_seconds=number("SHED_LAG_MS", 20.0, 0, 60_000) / 1000,
+        start_queue_seconds=number("START_QUEUE_MS", 250.0, 0, 60_000) / 1000,
+        start_queue_length=number("START_QUEUE_LENGTH", 200, 0, 100_000, int),
         heartbeat_seconds=number("HEARTBEAT_SECONDS", 15.0, 0.01, 3600),
         shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", 20.0, 0, 3600),
         connect_timeout=number("UPSTREAM_CONNECT_TIMEOUT", 10.0, 0.01, 600),

@@ -12,7 +12,7 @@ import httpx2
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from relay.admission import Slot
+from relay.admission import ClientLeft, Slot, StartRefused
 from relay.checks import authenticate
 from relay.errors import ServiceError
 from relay.observability import OUTCOMES, exchange_of
@@ -20,6 +20,7 @@ from relay.runtime import Runtime
 from relay.upstream import ClientGone, Opener, UpstreamCall, open_upstream
 
 T = TypeVar("T")
+TURN = "relay.turn"  # scope state: the start-queue turn of a stream being set up
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -27,13 +28,18 @@ def runtime_of(request: Request) -> Runtime:
     return runtime
 
 
+async def client_left(request: Request) -> None:
+    """Return once the client has disconnected; for a request whose body was read already."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def upstream_until_disconnect(request: Request, call: UpstreamCall, work: Awaitable[T]) -> T:
     """Await `work` (an upstream call that has not started the response yet), aborting the call if
     the client disconnects first."""
 
     async def abort_on_disconnect() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        await client_left(request)
         call.abort()
 
     async with anyio.create_task_group() as tasks:
@@ -62,6 +68,7 @@ async def call_upstream(request: Request, body: dict[str, Any], open: Opener = o
         if call.thread_wait is None:
             call.thread_wait = 0.0  # it never reached a thread (refused, or its client left)
         runtime.shedder.waited(call.thread_wait)
+        set_up(request)
 
 
 def admit(request: Request) -> None:
@@ -71,8 +78,8 @@ def admit(request: Request) -> None:
     assert runtime.streams is not None and runtime.shutting_down is not None
     if runtime.shutting_down.is_set():
         raise ServiceError(503, "The service is shutting down; retry shortly.", "server_busy", "shutting_down", headers={"Retry-After": "1"})
-    assert runtime.shedder is not None
-    if not runtime.shedder.admits(int(runtime.streams.borrowed_tokens)):
+    assert runtime.shedder is not None and runtime.starts is not None
+    if runtime.starts.refuses():
         raise runtime.shedder.refuse(runtime.metrics)
     if runtime.streams.available_tokens < 1:
         raise Slot.refusal(runtime.streams, runtime.metrics)
@@ -83,8 +90,27 @@ async def take_slot(request: Request, body: Mapping[str, Any] | None) -> Slot:
     the upstream, or None for a request without one): a client that sends its body slowly must
     not hold one. Released however the request ends."""
     runtime = runtime_of(request)
-    assert runtime.streams is not None
-    return Slot(runtime.streams, runtime.metrics)
+    assert runtime.streams is not None and runtime.starts is not None and runtime.shedder is not None
+    try:
+        turn = await runtime.starts.wait_turn(lambda: client_left(request))
+    except StartRefused:
+        raise runtime.shedder.refuse(runtime.metrics) from None
+    except ClientLeft:
+        raise ClientDisconnect() from None
+    request.scope["state"][TURN] = turn  # over once the first upstream call answered (call_upstream)
+    try:
+        return Slot(runtime.streams, runtime.metrics)
+    except ServiceError:
+        set_up(request)
+        raise
+
+
+def set_up(request: Request) -> None:
+    """The request's stream is set up (its first upstream call answered or failed, or it never
+    made one): the next new stream may take its turn."""
+    turn = request.scope["state"].pop(TURN, None)
+    if turn is not None:
+        runtime_of(request).starts.set_up(turn)  # type: ignore[union-attr]
 
 
 def handle_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

@@ -80,6 +80,13 @@ class Metrics:
         self.shed = prometheus_client.Counter(
             "relay_shed", "New streams refused because the service could not have relayed them on time.", registry=registry
         )
+        self.queued_streams = prometheus_client.Gauge(
+            "relay_queued_streams", "New streams waiting for their turn to start.", multiprocess_mode="livesum", registry=registry
+        )
+        self.queue_wait = prometheus_client.Histogram(
+            "relay_queue_wait_seconds", "How long new streams waited for their turn to start.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=registry,
+        )
 
     def exposition(self) -> bytes:
         registry = self.registry

@@ -21,7 +21,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from relay.admission import LoadShedder
+from relay.admission import LoadShedder, StartQueue
 from relay.config import Settings
 from relay.demo import DemoModel
 from relay.errors import StreamFailure
@@ -72,6 +72,7 @@ class Runtime:
     client: UpstreamClient | None = None
     streams: anyio.CapacityLimiter | None = None
     shedder: LoadShedder | None = None
+    starts: StartQueue | None = None
     shutting_down: anyio.Event | None = None
     demo: DemoModel | None = None
     model_listings: ModelsCache = field(default_factory=ModelsCache)
@@ -88,6 +89,9 @@ class Runtime:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.max_streams + 40
         streams = self.streams = anyio.CapacityLimiter(settings.max_streams)
         self.shedder = LoadShedder(settings.shed_lag_seconds, settings.max_streams)
+        self.starts = StartQueue(
+            self.shedder, settings.start_queue_seconds, settings.start_queue_length, lambda: int(streams.borrowed_tokens), self.metrics
+        )
         self.shutting_down = anyio.Event()
         notice_shutdown_signals(self.shutting_down.set)
         configure_logging(settings)

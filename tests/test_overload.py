@@ -7,6 +7,8 @@ keeps relaying the streams it had admitted; once it has kept time again it admit
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 import signal
 import socket
@@ -165,3 +167,76 @@ def test_new_streams_are_forgotten_once_set_up_also_with_few_streams_open() -> N
         call.thread_wait = 0.001  # its worker thread took it
         assert shedder.admits(1)
     assert len(shedder._setups) <= 1
+
+
+# -- bursts: queued and paced, not refused --------------------------------------------------------
+
+
+async def burst(base_url: str, route: str, count: int) -> list[tuple[int, str, float]]:
+    """`count` streams asked at once: (status, text, seconds to the response head) of each."""
+    body = COMPLETIONS[1] if route == "/v1/chat/completions" else {"message": "hi"}
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=30, limits=httpx.Limits(max_connections=None)) as http:
+
+        async def one() -> tuple[int, str, float]:
+            started = time.monotonic()
+            async with http.stream("POST", route, json=body) as response:
+                head = time.monotonic() - started
+                return response.status_code, (await response.aread()).decode(), head
+
+        return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), timeout=60)
+
+
+def queue_waits(http: httpx.Client) -> tuple[float, float]:
+    """(streams started, of which at once: within a millisecond) from the queue's histogram."""
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines() if line.startswith("relay_queue_wait")}
+    return samples["relay_queue_wait_seconds_count"], samples['relay_queue_wait_seconds_bucket{le="0.001"}']
+
+
+@pytest.mark.parametrize("route", ["/chat", "/v1/chat/completions"])
+def test_a_burst_on_an_idle_worker_is_queued_and_served(fake: FakeUpstream, start_service: Callable[..., Service], route: str) -> None:
+    """60 streams at once on an idle worker: 31 answered and 29 refused with 503, from a worker
+    that had room for all of them. Now the ones it cannot set up at once wait their turn."""
+    service = start_service(upstream_env(fake, SHED_LAG_MS="20", START_QUEUE_MS="10000"))
+    release = threading.Event()
+    # The upstream holds every response head until all 60 asked: each set-up stays unfinished as
+    # long as the worker counts one, so that only a few start at once and the rest must queue.
+    fake.default = Reply(pieces=["whole", " answer"], hold_headers=True, gates={0: release})
+    answers: list[tuple[int, str, float]] = []
+    asking = threading.Thread(target=lambda: answers.extend(asyncio.run(burst(service.base_url, route, 60))))
+    asking.start()
+    try:
+        fake.wait_for_requests(60, timeout=30)
+    finally:
+        release.set()
+        asking.join(timeout=60)
+    assert [status for status, _, _ in answers] == [200] * 60
+    assert all("whole" in text and "answer" in text for _, text, _ in answers)
+    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+        started, at_once = queue_waits(http)
+        assert started == 60 and at_once < 60, (started, at_once)  # some waited their turn
+        assert http.get("/healthz").json()["queued"] == 0
+
+
+def test_streams_that_cannot_start_within_the_bound_are_refused_at_once(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
+    """With a short bound, a burst larger than the worker sets up within it: the rest get their
+    503 at once, never reach the upstream, and the admitted streams go on to the end."""
+    service = start_service(upstream_env(fake, SHED_LAG_MS="20", START_QUEUE_MS="100"))
+    release = threading.Event()
+    fake.default = Reply(pieces=["whole", " answer"], hold_headers=True, gates={0: release})
+    answers: list[tuple[int, str, float]] = []
+    asking = threading.Thread(target=lambda: answers.extend(asyncio.run(burst(service.base_url, "/v1/chat/completions", 60))))
+    asking.start()
+    try:
+        wait_until(lambda: len(fake.requests) > 0, timeout=10)
+        time.sleep(1.0)  # every refusal is due within the bound, far less than this
+        admitted = len(fake.requests)
+    finally:
+        release.set()
+        asking.join(timeout=60)
+    refused = [(text, head) for status, text, head in answers if status == 503]
+    served = [text for status, text, _ in answers if status == 200]
+    assert len(answers) == 60 and refused and served, [status for status, _, _ in answers]
+    assert len(served) == admitted == len(fake.requests)  # a refused stream never reached the upstream
+    assert all("whole" in text and "answer" in text for text in served)
+    assert all(json.loads(text)["error"]["code"] == "server_busy" for text, _ in refused)
+    assert max(head for _, head in refused) < 1.0  # at once (the bound is 0.1 s), not after the answers
