@@ -208,8 +208,8 @@ class StartQueue:
 
     def refuses(self) -> bool:
         """Whether a new stream is refused at once: cheap, before its body is read."""
-        if not self.shedder.bound:
-            return False
+        if not self.shedder.bound or (not self.waiting and self.can_start()):
+            return False  # it starts at once
         expected = self.expected_wait()
         if len(self.waiting) >= self.length or expected > self.bound:
             return True

@@ -57,6 +57,24 @@ def start_and_fail(env: dict[str, str]) -> str:
         ("RESUME_MAX_ANSWER_BYTES", "1.5"),
         ("RESUME_MAX_BYTES", "100"),
         ("PIN_WORKERS", "yes please"),
+        ("START_QUEUE_MS", "-1"),
+        ("START_QUEUE_LENGTH", "many"),
+        ("FALLBACK_BASE_URLS", "localhost:8001/v1"),
+        ("FALLBACK_BASE_URLS", "http://127.0.0.1:8001/v1,,http://127.0.0.1:8002/v1"),
+        ("FALLBACK_BASE_URLS", "http://127.0.0.1:8001/v1"),  # without OPENAI_BASE_URL or OPENAI_API_KEY: the demo model
+        ("FALLBACK_API_KEYS", "sk-a"),  # more keys than FALLBACK_BASE_URLS
+        ("FALLBACK_MODELS", "gpt-4o"),  # more entries than FALLBACK_BASE_URLS
+        ("FALLBACK_FIRST_OUTPUT_SECONDS", "-1"),
+        ("BREAKER_FAILURES", "some"),
+        ("BREAKER_WINDOW_SECONDS", "0"),
+        ("BREAKER_COOLDOWN_SECONDS", "soon"),
+        ("KEY_MAX_STREAMS", "-1"),
+        ("KEY_MAX_STREAMS", "5"),  # without API_KEYS: there is no key to limit
+        ("KEY_REQUESTS_PER_MINUTE", "lots"),
+        ("KEY_TOKENS_PER_MINUTE", "1.5"),
+        ("KEY_RESERVE_TOKENS", "0"),
+        ("KEY_LEASE_SECONDS", "0.1"),
+        ("KEY_LIMITS_FILE", "/nonexistent/key-limits.toml"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str) -> None:
