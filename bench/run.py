@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+import shape  # bench/shape.py: the shape's own cost, the floor under the relay's
+
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
 V1 = "/v1/chat/completions"
@@ -57,7 +59,7 @@ class Phase:
 
     @property
     def name(self) -> str:
-        return "direct to upstream" if self.target == "direct" else self.path
+        return {"direct": "direct to upstream", "peer": "async peer (/v1)"}.get(self.target, self.path)
 
     def spec(self, port: int, pids: dict[str, int], health_port: int | None) -> dict[str, Any]:
         return {**asdict(self), "port": port, "pids": pids, "health_port": health_port, "grace": min(1.0, self.window / 2)}
@@ -90,6 +92,12 @@ def plan(quick: bool, levels: set[str] | None = None) -> list[Phase]:
         ramp = tokens / rate if rate else window / 3  # one stream's duration: then N stay open
         phases.append(Phase(level, "direct", V1, streams, tokens, rate, ramp, window))
         phases += [Phase(level, "service", path, streams, tokens, rate, ramp, window) for path in paths]
+    if levels is not None and "500" in levels:
+        # 500 closed-loop users, far past one worker: the service (shedding, on time) and the plain
+        # async pass-through (bench/peer.py: everything admitted, everything late), side by side.
+        tokens, window = (20, 1.0) if quick else (100, 6.0)
+        for target in ("direct", "service", "peer"):
+            phases.append(Phase("500", target, V1, 500, tokens, 20, tokens / 20, window))
     if levels is None or "burst" in levels:
         # A burst on an idle worker: 60 streams asked at the same moment, each tried once (a curl
         # user or a page has no retry), on both paths: all of them must be served.
@@ -306,7 +314,7 @@ def figures(phase: Phase, result: dict[str, Any], direct: dict[str, Any] | None,
         row["latency_p50_ratio"] = over(row["latency_p50_ms"], ms(direct, "latency_us", "p50"))
         row["ttfb_p50_ratio"] = over(row["ttfb_p50_ms"], ms(direct, "ttfb_us", "p50"))
         row["tokens_per_second_ratio"] = over(result["tokens_per_second"], direct["tokens_per_second"])
-    row["service_cpu_us_per_token"] = cpu["service"] / tokens * 1e6 if tokens and phase.target == "service" else None
+    row["service_cpu_us_per_token"] = cpu["service"] / tokens * 1e6 if tokens and phase.target != "direct" else None
     for name in ("service", "upstream", "client", "other_processes"):
         row[f"cores_{name}"] = cpu[name] / seconds
     peak = result["rss_peak_kib"]
@@ -406,9 +414,13 @@ def print_tables(rows: list[tuple[Phase, dict[str, Any], dict[str, Any]]]) -> No
     )
 
 
-def check_targets(rows: list[tuple[Phase, dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The performance targets for 2 cores, one worker, default settings, on /v1/chat/completions."""
+def check_targets(rows: list[tuple[Phase, dict[str, Any], dict[str, Any]]], floor: float | None) -> list[dict[str, Any]]:
+    """The performance targets for 2 cores, one worker, default settings, on /v1/chat/completions
+    (and /chat where named); relay costs as ratios to the shape's floor, measured in the same run."""
     found = {p.level: f for p, r, f in rows if p.target == "service" and p.path == V1}
+    chat = {p.level: f for p, r, f in rows if p.target == "service" and p.path == CHAT}
+    bursts = {p.path: f for p, r, f in rows if p.target == "service" and p.level == "burst"}
+    memory = {name: level.get("100", {}).get("rss_kb_per_stream") for name, level in (("v1", found), ("chat", chat))}
 
     def figure(level: str, key: str) -> float | None:
         value = found.get(level, {}).get(key)
@@ -419,7 +431,11 @@ def check_targets(rows: list[tuple[Phase, dict[str, Any], dict[str, Any]]]) -> l
     # (name, value, limit, unit, higher is better)
     targets = [
         ("added latency per token, p50, 1 stream", figure("1", "added_latency_p50_ms"), 0.5, "ms", False),
-        ("relay cost, 100 streams", figure("100", "service_cpu_us_per_token"), 150.0, "µs CPU/token", False),
+        ("relay cost, 100 streams, /v1 / the shape's floor", over(figure("100", "service_cpu_us_per_token"), floor), 1.5, "x", False),
+        ("relay cost, 100 streams, /chat / the shape's floor", over(chat.get("100", {}).get("service_cpu_us_per_token"), floor), 1.8, "x", False),
+        ("memory per stream, 100 streams, /chat / /v1", over(memory["chat"], memory["v1"]), 1.5, "x", False),
+        ("burst of 60 at once: served on /v1", bursts.get(V1, {}).get("admitted"), 60, "streams", True),
+        ("burst of 60 at once: served on /chat", bursts.get(CHAT, {}).get("admitted"), 60, "streams", True),
         (f"overload: streams admitted of {figure('overload', 'offered') or 1000:,.0f} offered", figure("overload", "admitted"), 150, "streams", True),
         ("overload: admitted streams' added latency per token, p99", figure("overload", "added_latency_p99_ms"), 50.0, "ms", False),
         ("overload: admitted streams' added time to first token, p99", figure("overload", "added_ttft_p99_ms"), 300.0, "ms", False),
@@ -455,7 +471,7 @@ def main() -> None:
     parser.add_argument("--service", type=Path, default=HERE.parent / "service.py", help="the service.py to run (default: this repository's)")
     parser.add_argument("--output", type=Path, default=HERE / "results.json", help="where to write the results as JSON")
     parser.add_argument("--profile", type=Path, help="py-spy record the service during the overload phase into this file (.txt: collapsed stacks, else SVG)")
-    parser.add_argument("--levels", help="run only these levels, comma-separated (1, 100, saturation, overload)")
+    parser.add_argument("--levels", help="run only these levels, comma-separated (1, 100, saturation, burst, overload)")
     args = parser.parse_args()
     service_path = args.service.resolve()
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(PYTHON).parent))
@@ -488,10 +504,25 @@ def main() -> None:
 
         rows: list[tuple[Phase, dict[str, Any], dict[str, Any]]] = []
         directs: dict[str, dict[str, Any]] = {}
-        for phase in plan(args.quick, set(args.levels.split(",")) if args.levels else None):
+        phases = plan(args.quick, set(args.levels.split(",")) if args.levels else None)
+        peer_port = None
+        if any(phase.target == "peer" for phase in phases):
+            peer_port = free_port()
+            peer_env = dict(os.environ, OPENAI_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1", PORT=str(peer_port))
+            with open(logs / "peer.log", "ab") as out:
+                peer = processes.start("peer", [PYTHON, str(HERE / "peer.py")], env=peer_env, stdout=out)
+            deadline = time.monotonic() + START_SECONDS
+            while healthz(peer_port) is None:
+                if time.monotonic() > deadline or peer.poll() is not None:
+                    fail(f"the peer did not start; see {logs / 'peer.log'}")
+                time.sleep(0.1)
+        for phase in phases:
             print(f"  {describe(phase)} ...", end="", flush=True)
             to_service = phase.target == "service"
-            spec = phase.spec(service_port if to_service else upstream_port, pids, service_port if to_service else None)
+            if phase.target == "peer":
+                spec = phase.spec(peer_port, {**pids, "service": peer.pid}, peer_port)
+            else:
+                spec = phase.spec(service_port if to_service else upstream_port, pids, service_port if to_service else None)
             spec["kind"] = phase.kind
             profiler = None
             if args.profile and py_spy and phase.level == "overload" and to_service:
@@ -509,7 +540,7 @@ def main() -> None:
                 drain(service_port)
             else:
                 directs[phase.level] = result
-            direct = directs.get(phase.level) if to_service else None
+            direct = directs.get(phase.level) if phase.target != "direct" else None
             if phase.kind == "burst":
                 row = burst_figures(result, direct)
                 print(f" {result['admitted']} admitted, {result['refused']} refused, {result['admitted_completed']} completed", flush=True)
@@ -519,9 +550,22 @@ def main() -> None:
             rows.append((phase, result, row))
 
         print(f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['python']}; service idle RSS {idle_rss / 1024:.1f} MB")
+        floor = None
+        if any(phase.level == "100" for phase, _, _ in rows):
+            # The shape's own cost (bench/shape.py: iterate_in_threadpool over a blocking read, no
+            # HTTP), at the same level, in this run: the figure the relay's cost is a multiple of.
+            print("  the shape's floor: 100 streams through iterate_in_threadpool, no HTTP ...", end="", flush=True)
+            floor = shape.run_one("thread hop", 100)["cpu_us_per_token"]
+            print(f" {floor:.1f} µs CPU per token", flush=True)
         print_tables(rows)
         print_overload(rows)
-        targets = check_targets(rows)
+        if floor is not None:
+            for phase, _, row in rows:
+                if phase.level == "100" and phase.target == "service":
+                    row["cpu_per_token_over_floor"] = over(row["service_cpu_us_per_token"], floor)
+                    print(f"{phase.path}: {row['service_cpu_us_per_token']:.1f} µs CPU per token at 100 streams = "
+                          f"{row['cpu_per_token_over_floor']:.2f}x the shape's floor ({floor:.1f} µs, same run)")
+        targets = check_targets(rows, floor)
         busy = max(f["cores_other_processes"] or 0.0 for _, _, f in rows)
         print(
             "\nNotes: each phase measures a window after one stream's duration of ramp-up, every user starting a new stream"
@@ -538,7 +582,7 @@ def main() -> None:
             print(f"WARNING: other processes used up to {busy:.2f} cores during a window: these figures are disturbed; run again on a quiet machine.")
         args.output.write_text(json.dumps(
             {"machine": info, "service": str(service_path), "quick": args.quick, "idle_rss_kib": idle_rss,
-             "seconds": time.monotonic() - began, "targets": targets,
+             "seconds": time.monotonic() - began, "targets": targets, "shape_floor_cpu_us_per_token": floor,
              "phases": [{"phase": asdict(p), "figures": f, "raw": r} for p, r, f in rows]},
             indent=2))
         print(f"\nresults: {args.output}   logs: {logs}   ({time.monotonic() - began:.0f} s)")
