@@ -471,6 +471,7 @@ def main() -> None:
     parser.add_argument("--service", type=Path, default=HERE.parent / "service.py", help="the service.py to run (default: this repository's)")
     parser.add_argument("--output", type=Path, default=HERE / "results.json", help="where to write the results as JSON")
     parser.add_argument("--profile", type=Path, help="py-spy record the service during the overload phase into this file (.txt: collapsed stacks, else SVG)")
+    parser.add_argument("--profile-level", default="overload", help="the level --profile records (default: overload)")
     parser.add_argument("--levels", help="run only these levels, comma-separated (1, 100, saturation, burst, overload)")
     args = parser.parse_args()
     service_path = args.service.resolve()
@@ -525,7 +526,7 @@ def main() -> None:
                 spec = phase.spec(service_port if to_service else upstream_port, pids, service_port if to_service else None)
             spec["kind"] = phase.kind
             profiler = None
-            if args.profile and py_spy and phase.level == "overload" and to_service:
+            if args.profile and py_spy and phase.level == args.profile_level and to_service:
                 form = "raw" if args.profile.suffix == ".txt" else "flamegraph"
                 # --gil: only the thread running Python, i.e. where the CPU goes; --nonblocking: don't pause it.
                 profiler = processes.start("py-spy", [py_spy, "record", "--nonblocking", "--gil", "--rate", "100", "--pid", str(service.pid),
