@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import anyio
 import httpx
 import pytest
 
-from relay.admission import LIMIT_FLOOR, LoadShedder
+from relay.admission import LIMIT_FLOOR, PROBE_SECONDS, ClientLeft, LoadShedder, StartQueue
+from relay.observability import Metrics
 from relay.upstream import UpstreamCall
 
 from conftest import AUTH, Service, upstream_env, wait_until
@@ -240,3 +242,27 @@ def test_streams_that_cannot_start_within_the_bound_are_refused_at_once(fake: Fa
     assert all("whole" in text and "answer" in text for text in served)
     assert all(json.loads(text)["error"]["code"] == "server_busy" for text, _ in refused)
     assert max(head for _, head in refused) < 1.0  # at once (the bound is 0.1 s), not after the answers
+
+
+def test_a_client_that_leaves_while_it_waits_its_turn_costs_nothing() -> None:
+    """The start queue alone, held by a worker that runs late: a waiting client that leaves is
+    taken out of the queue at once, and never gets a turn (nor a slot, nor an upstream call)."""
+    shedder = LoadShedder(0.02, 500)
+    shedder.observe(1.0, PROBE_SECONDS, LIMIT_FLOOR)  # a second late: nothing starts now
+    metrics = Metrics()
+    starts = StartQueue(shedder, 10.0, 10, lambda: LIMIT_FLOOR, metrics)
+    left_at: list[float] = []
+
+    async def leaves_after_a_moment() -> None:
+        await anyio.sleep(0.05)
+        left_at.append(time.monotonic())
+
+    async def waits() -> None:
+        with pytest.raises(ClientLeft):
+            await starts.wait_turn(leaves_after_a_moment)
+
+    started = time.monotonic()
+    anyio.run(waits)
+    assert left_at and time.monotonic() - left_at[0] < 1.0 and time.monotonic() - started < 2.0
+    assert not starts.waiting and not starts.setting_up
+    assert metrics.registry.get_sample_value("relay_queued_streams") == 0
