@@ -184,10 +184,12 @@ class StartQueue:
     Setting a stream up costs a few milliseconds of the event loop and the GIL; a burst of them
     all at once makes every admitted stream late for as long. So a new stream starts at once while
     few are being set up and the worker keeps time, and otherwise waits here for its turn: a burst
-    is served at the rate the worker sets streams up, not refused. A stream that cannot expect to
-    start within START_QUEUE_MS (the worker is in lasting overload, or the queue is that long
-    already) is refused at once, as before. Waiting holds no slot and no upstream call: a client
-    that leaves while it waits costs nothing."""
+    is served at the rate the worker sets streams up, not refused. Only a worker that runs late
+    refuses: a new stream that cannot expect to start within START_QUEUE_MS (the worker is late by
+    more than that, has been late for long, or its lateness has held the queue that long) is
+    refused at once, and one still waiting when the bound runs out starts then if the worker keeps
+    time, or is refused. Waiting holds no slot and no upstream call: a client that leaves while it
+    waits costs nothing."""
 
     def __init__(self, shedder: LoadShedder, bound: float, length: int, open_streams: Callable[[], int], metrics: Metrics) -> None:
         self.shedder, self.bound, self.length, self.open_streams, self.metrics = shedder, bound, length, open_streams, metrics
@@ -207,17 +209,20 @@ class StartQueue:
         return wait
 
     def refuses(self) -> bool:
-        """Whether a new stream is refused at once: cheap, before its body is read."""
+        """Whether a new stream is refused at once: cheap, before its body is read. Only a worker
+        that runs late refuses; one that keeps time lets a stream wait its turn, however long
+        the queue (up to START_QUEUE_LENGTH)."""
         if not self.shedder.bound or (not self.waiting and self.can_start()):
             return False  # it starts at once
-        expected = self.expected_wait()
-        if len(self.waiting) >= self.length or expected > self.bound:
+        if len(self.waiting) >= self.length:
             return True
-        return self.shedder.hopeless(self.open_streams(), self.bound - expected)
+        expected = self.expected_wait() if self.held_since is not None else 0.0
+        return expected > self.bound or self.shedder.hopeless(self.open_streams(), self.bound - expected)
 
     async def wait_turn(self, client_left: Callable[[], Awaitable[None]]) -> Turn:
-        """Wait for this stream's turn to start. Raises StartRefused past START_QUEUE_MS, and
-        ClientLeft when `client_left` (which returns once the client is gone) returns first."""
+        """Wait for this stream's turn to start, START_QUEUE_MS at most: then it starts if the worker
+        keeps time, and StartRefused is raised if it does not. ClientLeft is raised when
+        `client_left` (which returns once the client is gone) returns first."""
         turn = Turn()
         if not self.shedder.bound or (not self.waiting and self.can_start()):
             self.grant(turn)
@@ -249,7 +254,12 @@ class StartQueue:
         if left:
             raise ClientLeft()
         if turn.granted is None:
-            raise StartRefused()
+            if not self.shedder.admits(self.open_streams()):
+                raise StartRefused()
+            # The bound passed, but the worker keeps time: the set-ups ahead of it were slow (a
+            # busy machine, a slow upstream head), not the worker late. It starts now.
+            turn.over = False
+            self.grant(turn)
         return turn
 
     def can_start(self) -> bool:
