@@ -59,7 +59,7 @@ from relay.checks import (
 )
 from relay.config import ConfigError, Settings, load_settings
 from relay.errors import ServiceError, StreamFailure
-from relay.events import upstream_events
+from relay.fallback import answer_events
 from relay.framing import (
     CHAT_FRAMINGS,
     OpenAIFraming,
@@ -74,11 +74,13 @@ from relay.handling import (
     take_slot,
     upstream_until_disconnect,
 )
+from relay.limits import RATE_LIMIT_HEADERS, answer_usage
 from relay.observability import RequestLog, exchange_of
 from relay.replay import ReplayStoreUnavailable, new_stream_id, owner_digest
 from relay.response import RelayResponse
 from relay.runtime import Runtime
 from relay.serving import AppFromEnvironment, serve
+from relay.tracing import follow_round, observed, server_spans, telemetry_for
 from relay.transcript import Transcript
 from relay.upstream import (
     Opener,
@@ -123,6 +125,7 @@ async def pass_through(
         slot.release()
         raise
     if not body.get("stream"):
+        exchange.usage = answer_usage(response.content)  # what the key's tokens settle to
         slot.release()
         if settings.log_content:
             exchange.completion = response.text
@@ -137,7 +140,7 @@ def relay_pass_through(request: Request, call: UpstreamCall, response: httpx2.Re
     async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
         serving_call.set(call)
         try:
-            async for payloads in iterate_in_threadpool(upstream_events(call, response, framing.whole_events)):
+            async for payloads in iterate_in_threadpool(observed(call, answer_events(call, response, framing.whole_events))):
                 pieces = framing.pieces
                 frames = framing.events(payloads)
                 if frames:
@@ -260,7 +263,7 @@ async def chat(request: Request) -> Response:
         while True:
             serving_call.set(round_call)
             try:
-                async for payloads in iterate_in_threadpool(upstream_events(round_call, round_response)):
+                async for payloads in iterate_in_threadpool(observed(round_call, answer_events(round_call, round_response))):
                     await emit(transcript.read(payloads))  # also when empty: see AnswerProducer.emit
                     if transcript.failure is not None:
                         raise transcript.failure
@@ -276,11 +279,11 @@ async def chat(request: Request) -> Response:
             if transcript.finish_reason != "length" or transcript.continuations >= continuations:
                 return transcript.summary()
             # The output limit cut the answer: ask for the rest and stream it into the same answer.
-            round_call = UpstreamCall()
+            round_call = round_call.next_round(transcript.continuation(upstream_body))  # its upstream first
+            follow_round(calls[-1], round_call, round_call.body)  # a span of its own
             calls.append(round_call)  # before it starts, so that stopping the answer aborts it too
-            assert runtime.client is not None
             try:
-                round_response = await open_upstream(runtime.client, round_call, transcript.continuation(upstream_body))
+                round_response = await round_call.open()
             except ServiceError as error:
                 raise StreamFailure(error.type, f"Continuing the answer failed: {error.message}") from None
 
@@ -339,6 +342,8 @@ async def healthz(request: Request) -> Response:
             **runtime.shedder.report(int(runtime.streams.borrowed_tokens)),
             **runtime.starts.report(),  # type: ignore[union-attr]
             "replay": runtime.replay.usage() if runtime.replay is not None else None,
+            "upstreams": runtime.upstreams.report() if runtime.upstreams is not None else None,
+            "key_limits": runtime.limits.report() if runtime.limits is not None else None,
         }
     )
 
@@ -353,6 +358,8 @@ async def metrics(request: Request) -> Response:
         require_key(request, (settings.metrics_key,), "Send 'Authorization: Bearer <METRICS_KEY>'.")
     else:
         authenticate(request, settings)
+    if (upstreams := runtime_of(request).upstreams) is not None:
+        upstreams.refresh()  # a breaker turns half-open by the clock alone
     return Response(runtime_of(request).metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
@@ -388,8 +395,8 @@ def without_head(route: Route) -> Route:
 
 
 def create_app(settings: Settings) -> Starlette:
-    runtime = Runtime(settings)
-    middleware = [Middleware(RequestLog, settings=settings, metrics=runtime.metrics)]
+    runtime = Runtime(settings, telemetry=telemetry_for(settings))
+    middleware = [*server_spans(runtime.telemetry), Middleware(RequestLog, settings=settings, metrics=runtime.metrics)]
     if settings.cors_origins:
         # Pure ASGI: it adds headers and answers preflights, and never buffers a streamed body.
         middleware.append(
@@ -398,7 +405,7 @@ def create_app(settings: Settings) -> Starlette:
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-                expose_headers=["Retry-After", "Retry-After-Ms", "X-Stream-ID"],
+                expose_headers=["Retry-After", "Retry-After-Ms", "X-Stream-ID", *RATE_LIMIT_HEADERS],
                 max_age=600,
             )
         )

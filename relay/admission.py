@@ -334,6 +334,7 @@ class Slot:
         except anyio.WouldBlock:
             raise Slot.refusal(limiter, metrics) from None
         self._held = True
+        self.on_release: Callable[[], None] | None = None  # what else the request holds: its key's reservation
 
     @staticmethod
     def refusal(limiter: anyio.CapacityLimiter, metrics: Metrics) -> ServiceError:
@@ -350,3 +351,5 @@ class Slot:
         if self._held:
             self._held = False
             self._limiter.release_on_behalf_of(self)
+            if self.on_release is not None:
+                self.on_release()

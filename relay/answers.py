@@ -27,10 +27,11 @@ from relay.admission import Slot
 from relay.errors import ServiceError, StreamFailure
 from relay.framing import CHAT_FRAMINGS, AnswerEvent, ChatFraming
 from relay.handling import runtime_of
-from relay.observability import Exchange, exchange_of, stream_digest
+from relay.observability import OUTCOMES, Exchange, exchange_of, stream_digest
 from relay.replay import ReplayStoreUnavailable, owner_digest, replay_lost
 from relay.response import RelayResponse
 from relay.runtime import Runtime, cut_short
+from relay.tracing import end_traces, link_answer, remember_answer
 from relay.upstream import ClientGone, UpstreamCall
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class AnswerProducer:
         self.seq = 0
         self.stopped: StreamFailure | None = None
         self.finished = anyio.Event()
+        self.outcome = "error"  # how the answer ended, as its upstream spans say (relay.tracing)
+        remember_answer(stream_id, calls)  # for the requests that will resume it
 
     def stop(self, reason: StreamFailure) -> None:
         if self.stopped is None:
@@ -81,6 +84,7 @@ class AnswerProducer:
                 tasks.start_soon(self._stop_when_abandoned)
                 tasks.start_soon(self.store.hold_lease, self.stream_id, self.cancel)
                 kind, data = await self._produce()
+                self.outcome = "completed" if kind == "done" else OUTCOMES.get(data["error"]["type"], "error")
                 tasks.cancel_scope.cancel()
             self.seq += 1
             try:
@@ -94,6 +98,7 @@ class AnswerProducer:
         finally:
             for call in self.calls:
                 call.abort()
+            end_traces(self.calls, self.outcome)
             self.slot.release()
             self.runtime.producers.pop(self.stream_id, None)
             self.finished.set()
@@ -200,7 +205,8 @@ class AnswerReader(RelayResponse):
                     if ending is not None:
                         framing.ending = ending
                         if ending.kind == "error":
-                            raise StreamFailure(ending.data["error"]["type"], ending.data["error"]["message"])
+                            error = ending.data["error"]
+                            raise StreamFailure(error["type"], error["message"], error.get("code"))
                         return
         except ReplayStoreUnavailable as error:
             raise replay_lost(f"The answer cannot be read: {error}.") from None
@@ -233,6 +239,7 @@ async def resume(request: Request, framing_name: str, stream_id: str | None, aft
         if framing_name == "text/event-stream":
             return Response(status_code=204)
         raise ServiceError(404, f"No such answer: it never existed, or ended more than RESUME_TTL_SECONDS ({runtime.settings.resume_ttl_seconds:g} s) ago.", code="stream_not_found")
+    link_answer(runtime.telemetry, request.scope, stream_id)
     assert runtime.replay is not None
     try:
         final = await runtime.replay.final_seq(stream_id)

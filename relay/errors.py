@@ -43,9 +43,9 @@ class ServiceError(Exception):
 class StreamFailure(Exception):
     """The stream cannot go on after the response started; the client gets a terminal error frame."""
 
-    def __init__(self, type: str, message: str) -> None:
+    def __init__(self, type: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
-        self.type, self.message = type, message
+        self.type, self.message, self.code = type, message, code
 
     def error(self) -> dict[str, Any]:
-        return {"message": self.message, "type": self.type, "param": None, "code": None}
+        return {"message": self.message, "type": self.type, "param": None, "code": self.code}

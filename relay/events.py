@@ -115,6 +115,26 @@ def _read_end_if_arrived(call: UpstreamCall, pieces: Iterator[bytes], last: byte
         pass
 
 
+MAX_REPORTED_CHARS = 4096  # of an upstream's own error message, as the client is told it
+
+
+class UpstreamReported(StreamFailure):
+    """An error the upstream put in its stream itself (`chunk`, the event as it came): the client is
+    told its message and code, or gets the event itself where the framing can pass it on."""
+
+    def __init__(self, chunk: dict[str, Any], error: Any) -> None:
+        fields = error if isinstance(error, dict) else {}
+        message, code = fields.get("message"), fields.get("code")
+        text = str(message or error)[:MAX_REPORTED_CHARS] or "The upstream reported an error."
+        super().__init__("upstream_error", text, None if code is None else str(code))
+        self.chunk = chunk
+
+
+def event_data(event: bytes) -> bytes:
+    """The data of one whole event (its `data:` lines joined), as SSE readers take it."""
+    return b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+
+
 def parse_chunk(payload: bytes) -> dict[str, Any]:
     try:
         chunk = orjson.loads(payload)  # several times faster than json, on every piece of /chat
@@ -123,7 +143,5 @@ def parse_chunk(payload: bytes) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise StreamFailure("upstream_error", "The upstream sent an event that is not a JSON object.")
     if chunk.get("error") is not None:
-        error = chunk["error"]
-        message = error.get("message") if isinstance(error, dict) else None
-        raise StreamFailure("upstream_error", f"The upstream reported an error: {message or error}")
+        raise UpstreamReported(chunk, chunk["error"])
     return chunk

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.errors import StreamFailure
-from relay.events import DONE, parse_chunk
+from relay.events import DONE, UpstreamReported, event_data, parse_chunk
 from relay.transcript import Transcript
 
 
@@ -63,6 +63,7 @@ class OpenAIFraming(PassThroughFraming):
         super().__init__()
         self.transcript = transcript  # only to log the text (LOG_CONTENT=1)
         self.events_seen = 0  # [DONE] included
+        self._upstream_error: bytes | None = None  # the upstream's own error object, passed on as it came
 
     def events(self, payloads: list[bytes]) -> bytes:
         frames = []
@@ -79,6 +80,8 @@ class OpenAIFraming(PassThroughFraming):
                     self.usage = parse_chunk(payload).get("usage")
             except StreamFailure as failure:
                 self.failure = failure
+                if isinstance(failure, UpstreamReported):
+                    self._upstream_error = b"".join(b"data: " + line + b"\n" for line in payload.split(b"\n")) + b"\n"
                 break
             frames.append(b"data: " + payload + b"\n\n")
         if self.transcript is not None:
@@ -100,6 +103,8 @@ class OpenAIFraming(PassThroughFraming):
         return b"data: [DONE]\n\n"
 
     def error_frame(self, failure: StreamFailure) -> bytes:
+        if failure is self.failure and self._upstream_error is not None:
+            return self._upstream_error + self.done()
         return b"data: " + json.dumps({"error": failure.error()}).encode() + b"\n\n" + self.done()
 
 
@@ -124,10 +129,15 @@ class ResponsesFraming(PassThroughFraming):
     def events(self, events: list[bytes]) -> bytes:
         frames = []
         for event in events:
-            data = b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+            data = event_data(event)
             if data != DONE:
                 try:
                     parsed = parse_chunk(data)
+                except UpstreamReported as failure:
+                    self.failure = failure
+                    if failure.chunk.get("type") == "error":  # the current shape nests its error: still the upstream's own event
+                        self._upstream_error = event + b"\n\n"
+                    break
                 except StreamFailure as failure:
                     self.failure = failure
                     break
@@ -135,7 +145,7 @@ class ResponsesFraming(PassThroughFraming):
                 if isinstance(parsed.get("sequence_number"), int):
                     self._last_sequence_number = parsed["sequence_number"]
                 if kind == b"error":
-                    self.failure = StreamFailure("upstream_error", f"The upstream reported an error: {parsed.get('message')}")
+                    self.failure = UpstreamReported(parsed, parsed)
                     self._upstream_error = event + b"\n\n"
                     break
                 if kind.endswith(b".delta"):

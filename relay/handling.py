@@ -15,8 +15,10 @@ from starlette.responses import Response
 from relay.admission import ClientLeft, Slot, StartRefused
 from relay.checks import authenticate
 from relay.errors import ServiceError
+from relay.fallback import FallbackCall
 from relay.observability import OUTCOMES, exchange_of
 from relay.runtime import Runtime
+from relay.tracing import trace_call
 from relay.upstream import ClientGone, Opener, UpstreamCall, open_upstream
 
 T = TypeVar("T")
@@ -53,17 +55,19 @@ async def upstream_until_disconnect(request: Request, call: UpstreamCall, work: 
     raise failure
 
 
-async def call_upstream(request: Request, body: dict[str, Any], open: Opener = open_upstream) -> tuple[UpstreamCall, httpx2.Response]:
-    """Note what the request asks of the upstream, and send it there (aborted if the client
-    leaves before the answer starts)."""
+async def call_upstream(request: Request, body: dict[str, Any], open: Opener = open_upstream) -> tuple[FallbackCall, httpx2.Response]:
+    """Note what the request asks of the upstream, and send it there, or to a fallback if it fails
+    (relay.fallback); aborted if the client leaves before the answer starts."""
     runtime, exchange = runtime_of(request), exchange_of(request)
     exchange.model = body["model"]
     exchange.prompt = body.get("messages", body.get("input")) if runtime.settings.log_content else None
-    call = UpstreamCall()
-    assert runtime.client is not None and runtime.shedder is not None
+    assert runtime.upstreams is not None and runtime.shedder is not None
+    call = runtime.upstreams.call(open, body)
+    call.trace = trace_call(runtime.telemetry, request.scope, body)  # None unless OpenTelemetry is on
+    exchange.upstreams = call.log
     runtime.shedder.setting_up(call)
     try:
-        return call, await upstream_until_disconnect(request, call, open(runtime.client, call, body))
+        return call, await upstream_until_disconnect(request, call, call.open())
     finally:
         if call.thread_wait is None:
             call.thread_wait = 0.0  # it never reached a thread (refused, or its client left)
@@ -86,6 +90,24 @@ def admit(request: Request) -> None:
 
 
 async def take_slot(request: Request, body: Mapping[str, Any] | None) -> Slot:
+    """Where every stream starts: its key's limits checked (a reservation for what it will cost,
+    settled when the slot is released), then its place among the service's streams."""
+    runtime = runtime_of(request)
+    assert runtime.limits is not None
+    # The key's own limits first: a key over them neither waits for a turn nor holds a place.
+    reservation = await runtime.limits.reserve(request, body, exchange_of(request))
+    try:
+        slot = await take_place(request, body)
+    except BaseException:
+        if reservation is not None:
+            reservation.release(0)  # nothing was asked of the upstream
+        raise
+    if reservation is not None:
+        slot.on_release = reservation.release
+    return slot
+
+
+async def take_place(request: Request, body: Mapping[str, Any] | None) -> Slot:
     """A stream's place, taken only once the whole request was read (`body`, what will be asked of
     the upstream, or None for a request without one): a client that sends its body slowly must
     not hold one. Released however the request ends."""

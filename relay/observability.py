@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +138,21 @@ class Exchange:
     usage: dict[str, Any] | None = None
     prompt: Any = None
     completion: str | None = None
+    upstreams: list[dict[str, Any]] | None = None  # with fallbacks: every upstream asked (relay.fallback)
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # for the response's head: the key's rate limits
 
     def pieces_sent(self, count: int) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.chunks += count
 
+    def ended_as(self) -> str:
+        """How the request ended, as its log line says (relay.tracing's spans say it too)."""
+        return self.outcome or self._outcome_from_status()
+
     def record(self, settings: Settings, metrics: Metrics) -> None:
         ended = time.monotonic()
-        outcome = self.outcome or self._outcome_from_status()
+        outcome = self.ended_as()
         route = self.path if self.path in ROUTES_MEASURED else "other"
         completion_tokens = (self.usage or {}).get("completion_tokens")
         estimated = bool((self.usage or {}).get("estimated"))
@@ -163,6 +169,8 @@ class Exchange:
             "estimated": estimated,
             "duration_ms": round((ended - self.started) * 1000, 1),
         }
+        if self.upstreams is not None:
+            line["upstreams"] = self.upstreams
         if settings.log_content:
             line["prompt"], line["completion"] = self.prompt, self.completion
         write_log_line(line)
@@ -260,7 +268,7 @@ class RequestLog:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 exchange.status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode()), *exchange.response_headers]
             await send(message)
 
         try:

@@ -22,6 +22,7 @@ from relay.errors import StreamFailure
 from relay.framing import Framing
 from relay.observability import OUTCOMES, SERVING_LAYER, Exchange
 from relay.runtime import Runtime, cut_short
+from relay.tracing import end_traces
 from relay.upstream import ClientGone, UpstreamCall
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class RelayResponse(StreamingResponse):
                 self.slot.release()
             self.runtime.metrics.active_streams.dec()
             self.exchange.outcome = self.outcome
+            end_traces(self.calls, self.outcome, scope)
 
     def abort_upstream(self) -> None:
         for call in self.calls:

@@ -25,9 +25,12 @@ from relay.admission import LoadShedder, StartQueue
 from relay.config import Settings
 from relay.demo import DemoModel
 from relay.errors import StreamFailure
+from relay.fallback import Upstreams
+from relay.limits import KeyLimits, make_key_limits
 from relay.observability import Metrics, requests_log
 from relay.placement import placement
 from relay.replay import ReplayStore, make_replay_store
+from relay.tracing import Telemetry
 from relay.upstream import UpstreamClient, make_openai_client
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class Runtime:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     client: UpstreamClient | None = None
+    upstreams: Upstreams | None = None  # the client above first, then the fallbacks
     streams: anyio.CapacityLimiter | None = None
     shedder: LoadShedder | None = None
     starts: StartQueue | None = None
@@ -77,6 +81,8 @@ class Runtime:
     demo: DemoModel | None = None
     model_listings: ModelsCache = field(default_factory=ModelsCache)
     replay: ReplayStore | None = None
+    limits: KeyLimits | None = None  # each client key's limits
+    telemetry: Telemetry | None = None  # OpenTelemetry, when OTEL_* turn it on (relay.tracing)
     producers: dict[str, Stoppable] = field(default_factory=dict)  # the answers this process reads from the upstream
     producing: anyio.abc.TaskGroup | None = None  # where they run: they outlive the request that started them
 
@@ -95,6 +101,8 @@ class Runtime:
         self.shutting_down = anyio.Event()
         notice_shutdown_signals(self.shutting_down.set)
         configure_logging(settings)
+        if self.telemetry is not None:
+            self.telemetry.start(self.metrics)
         if settings.pin_workers:
             cpu = placement.pin()
             if cpu is not None:
@@ -103,7 +111,9 @@ class Runtime:
             self.demo = DemoModel(settings.demo_seconds_per_word).start()
             log.warning("No OPENAI_API_KEY or OPENAI_BASE_URL: answering from the built-in DEMO model (not a real model).")
         self.client = make_openai_client(settings, self.demo.base_url if self.demo else settings.openai_base_url)
+        self.upstreams = Upstreams(settings, self.client, self.metrics)
         self.replay = make_replay_store(settings)
+        limits = self.limits = make_key_limits(settings, self.metrics)
         # Everything built so far lives as long as the process: the cyclic collector need not walk
         # it again, and with a higher first threshold it runs less often under per-token garbage.
         gc.collect()
@@ -115,6 +125,7 @@ class Runtime:
         ]
         try:
             await self.replay.start()
+            await limits.start()
             async with anyio.create_task_group() as self.producing:
                 try:
                     yield
@@ -125,8 +136,12 @@ class Runtime:
         finally:
             for task in background:
                 task.cancel()
+            if self.telemetry is not None:
+                await self.telemetry.stop()  # every stream has ended: their spans are queued
+            await limits.close()  # settles what is still open
             await self.replay.close()
             self.client.close()
+            self.upstreams.close()
             if self.demo is not None:
                 self.demo.stop()
             self.metrics.close()

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio.to_thread
 import httpcore2
@@ -49,6 +49,19 @@ class ClientGone(openai.OpenAIError):
 serving_call: ContextVar[UpstreamCall | None] = ContextVar("serving_upstream_call", default=None)
 
 
+class CallObserver(Protocol):
+    """What tracing (relay.tracing) is told of a traced call, from the worker thread that makes it."""
+
+    def attempt(self, request: httpx2.Request) -> None:
+        """A request to the upstream (an attempt: the first, a retry, a fallback) is about to be sent."""
+
+    def failed(self, error: Exception) -> None:
+        """The attempt failed before its answer started."""
+
+    def answered(self, response: httpx2.Response) -> None:
+        """The attempt's whole answer arrived (a request without streaming)."""
+
+
 TIMEOUT_NOT_SET = -1.0  # never a timeout httpcore asks for (a sentinel of False would equal 0.0)
 CHUNK_FRAMING_BYTES = 32  # the most an HTTP chunk's size line and CRLFs take, in practice
 
@@ -62,6 +75,8 @@ class UpstreamCall:
         self.unsent_since = 0.0  # when the oldest read not yet written to the client returned
         self.created = time.monotonic()
         self.thread_wait: float | None = None  # seconds its first step waited for a worker thread
+        self.first_output_by: float | None = None  # a deadline for the reads before the answer's first output (relay.fallback)
+        self.trace: CallObserver | None = None  # its spans and metrics, when OpenTelemetry is on (relay.tracing)
 
     def arrived(self) -> None:
         """Called in the worker thread after each read that returned data."""
@@ -72,6 +87,13 @@ class UpstreamCall:
         """How long what arrived waited to be written, at `now` when it is; 0 if nothing had."""
         since, self.unsent_since = self.unsent_since, 0.0
         return now - since if since else 0.0
+
+    def read_timeout(self, timeout: float | None) -> float | None:
+        """The next read's timeout: `timeout`, or what is left before `first_output_by` if less."""
+        if self.first_output_by is None:
+            return timeout
+        left = max(self.first_output_by - time.monotonic(), 0.001)
+        return left if timeout is None else min(timeout, left)
 
     def attach(self, stream: InterruptibleStream) -> None:
         """Called in the worker thread before each blocking read or write on `stream`."""
@@ -165,7 +187,7 @@ class InterruptibleStream(httpcore2.NetworkStream):
         placement.upstream_thread()
         call = self._attach()
         try:
-            data = self._receive(max_bytes, timeout)
+            data = self._receive(max_bytes, timeout if call is None else call.read_timeout(timeout))
             self._reads, self._last_read = self._reads + 1, len(data)
             self._unread = len(data)
             if data and call is not None:
@@ -234,7 +256,7 @@ class UpstreamClient(openai.OpenAI):
         self.retries = retries
 
 
-def make_openai_client(settings: Settings, base_url: str | None) -> UpstreamClient:
+def make_openai_client(settings: Settings, base_url: str | None, api_key: str | None = None) -> UpstreamClient:
     transport = httpx2.HTTPTransport(
         limits=httpx2.Limits(max_connections=settings.max_streams + 16, max_keepalive_connections=settings.max_streams)
     )
@@ -243,11 +265,19 @@ def make_openai_client(settings: Settings, base_url: str | None) -> UpstreamClie
     timeout = httpx2.Timeout(settings.read_timeout, connect=settings.connect_timeout)
     return UpstreamClient(
         settings.max_retries,
-        api_key=settings.openai_api_key or "no-key",  # local servers (Ollama, vLLM) take any key
+        api_key=api_key or settings.openai_api_key or "no-key",  # local servers (Ollama, vLLM) take any key
         base_url=base_url,
         timeout=timeout,
-        http_client=httpx2.Client(transport=transport, timeout=timeout),
+        http_client=httpx2.Client(transport=transport, timeout=timeout, event_hooks={"request": [attempt_begins]}),
     )
+
+
+def attempt_begins(request: httpx2.Request) -> None:
+    """httpx's hook before each request it sends: a traced call's attempt begins (retries and
+    fallbacks included), and the request carries its trace context."""
+    call = serving_call.get()
+    if call is not None and call.trace is not None:
+        call.trace.attempt(request)
 
 
 async def in_worker_thread(call: UpstreamCall, function: Callable[[], T]) -> T:
@@ -363,12 +393,16 @@ async def send_upstream(call: UpstreamCall, request: Callable[[], httpx2.Respons
                 break
             except openai.OpenAIError as error:
                 call.finish()  # its connection may already serve another call
+                if call.trace is not None:
+                    call.trace.failed(error)
                 pause = retry_pause(error, attempt, retries, time.monotonic() - started)
                 if pause is None:
                     raise
                 time.sleep(pause)
         if not stream:
             call.finish()  # httpx has read the whole answer already
+            if call.trace is not None:
+                call.trace.answered(response)
         else:
             call.body_begins()
         return response

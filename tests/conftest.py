@@ -21,8 +21,8 @@ import pytest
 from upstream import FakeUpstream, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
-# Tests never use the machine's real upstream or keys, also where they import service.py itself.
-for _name in [name for name in os.environ if name.startswith("OPENAI_") or name == "API_KEYS"]:
+# Tests never use the machine's real upstream, keys or collector, also where they import service.py itself.
+for _name in [name for name in os.environ if name.startswith(("OPENAI_", "OTEL_")) or name == "API_KEYS"]:
     del os.environ[_name]
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}

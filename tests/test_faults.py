@@ -111,6 +111,7 @@ class Fault:
     request: dict[str, Any] = field(default_factory=dict)  # extra request fields
     note: str = ""  # README: what else the client sees
     role_chunk: bool = True  # DURING: /v1 relays the upstream's role chunk before the pieces
+    passed_on: bool = False  # DURING: /v1 gets the upstream's own error object as it came; /chat its message and code
 
 
 def error_message(body: bytes) -> str:
@@ -153,11 +154,11 @@ FAULTS: list[Fault] = [
     Fault("stalled", DURING, "silent past UPSTREAM_READ_TIMEOUT after 2 pieces", lambda: [Reply(pieces=PIECES, stall_after=2)],
           200, "upstream_timeout", pieces=2, service="timeouts"),
     Fault("error_event", DURING, "an `error` object in the stream after 3 pieces", lambda: [Reply(pieces=PIECES, error_after=3)],
-          200, "upstream_error", pieces=3, note="the upstream's message"),
+          200, "upstream_error", pieces=3, note="the upstream's message and code", passed_on=True),
     Fault("not_json", DURING, "a data line that is not JSON after 2 pieces", lambda: [Reply(pieces=PIECES, garbage_after=2)],
           200, "upstream_error", pieces=2),
     Fault("error_event_same_read", DURING, "2 pieces and an `error` object arriving in one network read",
-          lambda: [same_read(MID_STREAM_ERROR, 2)], 200, "upstream_error", pieces=2, note="the upstream's message"),
+          lambda: [same_read(MID_STREAM_ERROR, 2)], 200, "upstream_error", pieces=2, note="the upstream's message and code", passed_on=True),
     Fault("not_json_same_read", DURING, "2 pieces and a line that is not JSON arriving in one network read",
           lambda: [same_read(GARBAGE_EVENT, 2)], 200, "upstream_error", pieces=2),
     Fault("no_events", DURING, "a 200 answer with no events at all (a server that ignored `stream: true`)",
@@ -215,6 +216,8 @@ def sees(fault: Fault, fmt: Format) -> str:
     got = {0: "no piece", 1: "1 piece"}.get(fault.pieces, f"{fault.pieces} pieces")
     note = f"; {fault.note}" if fault.note and fmt.id != "chat_text" else ""  # plain text has no error frame
     retried = "; not retried" if fault.when == RETRY else ""
+    if fmt.id == "v1_sse" and fault.passed_on:
+        return f"{got}, then the upstream's own `data: {{\"error\": ...}}` as it came, then `data: [DONE]`"
     return {
         "chat_sse": f"{got}, then `event: error` (`{fault.error_type}`{note}), nothing after",
         "chat_ndjson": f"{got}, then a `{{\"type\": \"error\"}}` line (`{fault.error_type}`{note}), no `done`",
@@ -394,7 +397,10 @@ def check_stream(fmt: Format, response: httpx.Response, fault: Fault) -> None:
         assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1, payloads
         chunks = [json.loads(data) for data in payloads[:-1]]
         assert set(chunks[-1]) == {"error"}, chunks[-1]
-        stream_error(chunks[-1]["error"], fault)
+        if fault.passed_on:
+            assert b"data: " + payloads[-2].encode() + b"\n\n" == MID_STREAM_ERROR  # byte for byte
+        else:
+            stream_error(chunks[-1]["error"], fault)
         deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
         role = [{"role": "assistant", "content": ""}] if fault.role_chunk else []
         assert deltas == role + [{"content": piece} for piece in expected]
