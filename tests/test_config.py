@@ -133,12 +133,13 @@ def test_the_demo_model_streams_end_to_end(start_service: Callable[..., Service]
 IMPORT_PROBE = """
 import os, sys, threading, traceback
 root = sys.argv[1]
+ours = (os.path.join(root, "service.py"), os.path.join(root, "relay") + os.sep)  # not a virtualenv in the clone
 read = []
 def note(name):
     # The code that asked: the innermost frame outside os, Mapping's helpers and this probe.
     for frame in reversed(traceback.extract_stack()[:-2]):
         if frame.filename not in ("<frozen os>", "<string>") and "_collections_abc" not in frame.filename:
-            if frame.filename.startswith(root):
+            if frame.filename.startswith(ours):
                 read.append(name)
             return
 class Watched(os._Environ):
