@@ -119,14 +119,16 @@ class LoadShedder:
         if not self.bound or open_streams < LIMIT_FLOOR:
             return False
         late_now = time.monotonic() - self._due
-        learnt_limit = self.limit < self.max_streams
-        return late_now > within or self.lagging_for >= SUSTAINED_SECONDS or (learnt_limit and open_streams >= self.limit)
+        return late_now > within or self.lagging_for >= SUSTAINED_SECONDS or self._limit_reached(open_streams)
 
     def _refuses(self, open_streams: int) -> bool:
         now = time.monotonic()
         late_now = max(now - self._due, self._oldest_setup_waiting(now))
-        learnt_limit = self.limit < self.max_streams  # at MAX_STREAMS, the hard cap answers itself
-        return self.lagging or late_now > self.bound or (learnt_limit and open_streams >= self.limit)
+        return self.lagging or late_now > self.bound or self._limit_reached(open_streams)
+
+    def _limit_reached(self, open_streams: int) -> bool:
+        """The open streams fill the limit lateness taught (at MAX_STREAMS, the hard cap answers)."""
+        return self.limit < self.max_streams and open_streams >= self.limit
 
     def setting_up(self, call: UpstreamCall) -> None:
         """A new stream's first upstream call is about to wait for a worker thread."""
@@ -174,8 +176,7 @@ class Turn:
     queued: float = field(default_factory=time.monotonic)
     ready: anyio.Event = field(default_factory=anyio.Event)
     granted: float | None = None
-    over: bool = False  # set up (its first upstream call answered or failed), or gone
-    over_at: float = 0.0
+    set_up_at: float | None = None  # when its first upstream call answered or failed
 
 
 class StartQueue:
@@ -245,7 +246,6 @@ class StartQueue:
                 tasks.cancel_scope.cancel()
         finally:
             if turn.granted is None:
-                turn.over = True
                 with suppress(ValueError):
                     self.waiting.remove(turn)
                     self.metrics.queued_streams.dec()
@@ -258,13 +258,12 @@ class StartQueue:
                 raise StartRefused()
             # The bound passed, but the worker keeps time: the set-ups ahead of it were slow (a
             # busy machine, a slow upstream head), not the worker late. It starts now.
-            turn.over = False
             self.grant(turn)
         return turn
 
     def can_start(self) -> bool:
         now = time.monotonic()
-        while self.setting_up and (self.setting_up[0].over or now - (self.setting_up[0].granted or now) > SETUP_SECONDS):
+        while self.setting_up and (self.setting_up[0].set_up_at is not None or now - (self.setting_up[0].granted or now) > SETUP_SECONDS):
             self.measure(self.setting_up.popleft(), now)
         if len(self.setting_up) >= START_SETUPS:
             return False
@@ -276,8 +275,10 @@ class StartQueue:
         return True
 
     def measure(self, turn: Turn, now: float) -> None:
+        """Learn from a finished set-up how long one takes (one still going past SETUP_SECONDS
+        counts as that long)."""
         if turn.granted is not None:
-            took = min(now - turn.granted, SETUP_SECONDS) if not turn.over else min(turn.over_at - turn.granted, SETUP_SECONDS)
+            took = min((turn.set_up_at or now) - turn.granted, SETUP_SECONDS)
             self.setup_seconds += (took - self.setup_seconds) * 0.2
 
     def grant(self, turn: Turn) -> None:
@@ -289,8 +290,8 @@ class StartQueue:
 
     def set_up(self, turn: Turn) -> None:
         """The stream's first upstream call answered, or failed: the next one may start."""
-        if not turn.over:
-            turn.over, turn.over_at = True, time.monotonic()
+        if turn.set_up_at is None:
+            turn.set_up_at = time.monotonic()
         self.dispatch()
 
     def dispatch(self) -> None:
