@@ -90,14 +90,16 @@ def admit(request: Request) -> None:
 
 
 async def take_slot(request: Request, body: Mapping[str, Any] | None) -> Slot:
-    """Where every stream starts: its key's limits checked (a reservation for what it will cost,
-    settled when the slot is released), then its place among the service's streams."""
+    """Where every stream starts, once the whole request was read (`body`, what will be asked of
+    the upstream, or None for a request without one): its key's limits checked (a reservation for
+    what it will cost, settled when the slot is released), then its place among the service's
+    streams."""
     runtime = runtime_of(request)
     assert runtime.limits is not None
     # The key's own limits first: a key over them neither waits for a turn nor holds a place.
     reservation = await runtime.limits.reserve(request, body, exchange_of(request))
     try:
-        slot = await take_place(request, body)
+        slot = await take_place(request)
     except BaseException:
         if reservation is not None:
             reservation.release(0)  # nothing was asked of the upstream
@@ -107,10 +109,9 @@ async def take_slot(request: Request, body: Mapping[str, Any] | None) -> Slot:
     return slot
 
 
-async def take_place(request: Request, body: Mapping[str, Any] | None) -> Slot:
-    """A stream's place, taken only once the whole request was read (`body`, what will be asked of
-    the upstream, or None for a request without one): a client that sends its body slowly must
-    not hold one. Released however the request ends."""
+async def take_place(request: Request) -> Slot:
+    """A stream's place, taken only once the whole request was read: a client that sends its body
+    slowly must not hold one. Released however the request ends."""
     runtime = runtime_of(request)
     assert runtime.streams is not None and runtime.starts is not None and runtime.shedder is not None
     try:

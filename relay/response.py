@@ -60,7 +60,6 @@ class RelayResponse(StreamingResponse):
         self.calls, self.slot = calls, slot
         self.outcome = "client_disconnected"  # unless the stream reaches one of its own ends
         self.shutdown = False
-        self.stalled = False
         self.last_sent = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,7 +90,7 @@ class RelayResponse(StreamingResponse):
             with anyio.move_on_after(seconds) as waiting:
                 await send(message)
             if waiting.cancelled_caught:
-                self.stalled, self.outcome = True, "client_stalled"
+                self.outcome = "client_stalled"
                 self.abort_upstream()
                 raise ClientStalled(f"the client took nothing for SEND_TIMEOUT_SECONDS ({seconds:g} s)")
 
@@ -130,7 +129,7 @@ class RelayResponse(StreamingResponse):
                     if not writing.cancel_called:
                         tasks.cancel_scope.cancel()
                         return  # the client left: there is no one to send an ending to
-            if self.stalled:
+            if self.outcome == "client_stalled":  # the heartbeat found the client stalled
                 tasks.cancel_scope.cancel()
                 return
             if writing.cancel_called:
