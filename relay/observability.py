@@ -103,9 +103,10 @@ class Metrics:
 
 def shared_metrics_directory() -> str | None:
     """Where this process and the other workers of its server write their metrics for each other,
-    if it is one of several: PROMETHEUS_MULTIPROC_DIR when set (`python service.py` sets it for
-    its workers), else a folder of its own for the process that started the workers, uvicorn's
-    supervisor (`--workers`) or gunicorn's arbiter, named by that process's id and start time."""
+    if it is one of several: PROMETHEUS_MULTIPROC_DIR when set, else a folder of its own for the
+    process that started the workers (uvicorn's supervisor, under `python service.py` with
+    WEB_CONCURRENCY and `uvicorn --workers` alike, or gunicorn's arbiter), named by that process's
+    id and start time."""
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
         return given

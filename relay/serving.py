@@ -24,7 +24,6 @@ import resource
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from http import HTTPStatus
 
@@ -282,9 +281,6 @@ def serve(settings: Settings, app: str) -> None:
             "(Last-Event-ID, /chat/streams/…) must reach the worker that started the answer. Set REDIS_URL "
             "to share them.", settings.workers,
         )
-    if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # Each worker writes its metrics here, and /metrics in any worker adds them all up.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
     descriptors = raise_descriptor_limit()  # the workers inherit it
     if connection_capacity(settings) < MIN_CONNECTIONS:
         sys.exit(
