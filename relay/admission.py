@@ -316,11 +316,14 @@ class ClientLeft(Exception):
 RETRY_AFTER_MS = (500, 1500)  # the spread of the retry hint a refusal under load gives
 
 
-def retry_hint() -> dict[str, str]:
-    """When a client refused under load should retry. The clients of one burst are refused
-    together; told the same second, they would all come back in the same instant and be refused
-    together again. So Retry-After says one second, and Retry-After-Ms (which the OpenAI SDKs
-    read first) spreads them around it."""
+def retry_hint(seconds: float | None = None) -> dict[str, str]:
+    """When a refused client should retry: Retry-After and Retry-After-Ms (which the OpenAI SDKs
+    read first). After `seconds`, when the refusal knows that (a rate limit refills); else under
+    load, where the clients of one burst are refused together and, told the same second, would
+    all come back in the same instant and be refused together again: Retry-After says one second,
+    and Retry-After-Ms spreads them around it."""
+    if seconds is not None:
+        return {"Retry-After": str(max(1, math.ceil(seconds))), "Retry-After-Ms": str(max(1, math.ceil(seconds * 1000)))}
     delay = random.randint(*RETRY_AFTER_MS)  # not secrets: nobody gains by guessing it
     return {"Retry-After": "1", "Retry-After-Ms": str(delay)}
 

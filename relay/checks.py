@@ -42,13 +42,27 @@ def authenticate(request: Request, settings: Settings) -> None:
         require_key(request, settings.api_keys, "Missing or invalid API key; send 'Authorization: Bearer <key>'.")
 
 
+KEY_DIGEST = "relay.key_digest"  # scope state: the presented key's digest, worked out once a request
+
+
+def presented_key_digest(request: Request) -> bytes:
+    """The SHA-256 of the key the request presents as a bearer token: how every part of the
+    service (the key check, an answer's owner, the key's limits) knows a key without keeping it."""
+    state = request.scope.setdefault("state", {})
+    digest: bytes | None = state.get(KEY_DIGEST)
+    if digest is None:
+        presented = request.headers.get("authorization", "").partition(" ")[2].strip()
+        digest = state[KEY_DIGEST] = hashlib.sha256(presented.encode()).digest()
+    return digest
+
+
 def require_key(request: Request, keys: tuple[str, ...], message: str) -> None:
     """Refuse the request unless it sends one of `keys` as a bearer token."""
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     presented = presented.strip()
     # Digests of equal length, every key compared, in constant time: the timing tells nothing
     # about which key, or how much of one, matched.
-    digest = hashlib.sha256(presented.encode()).digest()
+    digest = presented_key_digest(request)
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest())

@@ -108,6 +108,11 @@ class OpenAIFraming(PassThroughFraming):
         return b"data: " + json.dumps({"error": failure.error()}).encode() + b"\n\n" + self.done()
 
 
+def in_chat_names(usage: dict[str, Any]) -> dict[str, Any]:
+    """The Responses API's usage in chat completions' names, as the log and the limits count it."""
+    return {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"), "total_tokens": usage.get("total_tokens")}
+
+
 RESPONSE_ENDINGS = {b"response.completed", b"response.failed", b"response.incomplete"}
 
 
@@ -156,8 +161,7 @@ class ResponsesFraming(PassThroughFraming):
                     self.ended = True
                     usage = (parsed.get("response") or {}).get("usage")
                     if isinstance(usage, dict):
-                        self.usage = {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
-                                      "total_tokens": usage.get("total_tokens")}
+                        self.usage = in_chat_names(usage)
             frames.append(event + b"\n\n")
         return b"".join(frames)
 

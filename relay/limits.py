@@ -49,8 +49,11 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from starlette.requests import Request
 
+from relay.admission import retry_hint
+from relay.checks import presented_key_digest
 from relay.config import Settings
 from relay.errors import ServiceError
+from relay.framing import in_chat_names
 from relay.observability import Exchange, Metrics
 
 log = logging.getLogger(__name__)
@@ -148,9 +151,7 @@ def answer_usage(content: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(usage, dict):
         return None
-    if "input_tokens" in usage:
-        return {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"), "total_tokens": usage.get("total_tokens")}
-    return usage
+    return in_chat_names(usage) if "input_tokens" in usage else usage
 
 
 def duration(seconds: float) -> str:
@@ -204,7 +205,7 @@ def refusal(policy: KeyPolicy, standing: Standing, cost: int) -> ServiceError:
         message = (f"Rate limit reached for this key on tokens per minute: limit {per_minute}, available "
                    f"{max(0, math.floor(standing.tokens_left))} ({math.ceil(standing.reserved)} held by its open answers), "
                    f"requested {cost}. Please try again in {duration(wait)}.")
-    headers = {**rate_limit_headers(policy, standing), "Retry-After": str(max(1, math.ceil(wait))), "Retry-After-Ms": str(max(1, math.ceil(wait * 1000)))}
+    headers = {**rate_limit_headers(policy, standing), **retry_hint(wait)}
     return ServiceError(429, message, "rate_limit_exceeded", "rate_limit_exceeded", headers=headers, outcome="rate_limited")
 
 
@@ -322,8 +323,7 @@ class KeyLimits:
         """Admit the request under its key's limits, or raise the 429. None: its key has none."""
         if not self.policies:
             return None
-        presented = request.headers.get("authorization", "").partition(" ")[2].strip()
-        policy = self.policies.get(hashlib.sha256(presented.encode()).digest())
+        policy = self.policies.get(presented_key_digest(request))
         if policy is None:
             return None
         prompt, cost = (0, 0) if body is None else token_estimate(body, self.settings.key_reserve_tokens)

@@ -11,7 +11,6 @@ its own answers in memory too, for its own readers).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ import redis
 import redis.asyncio
 from starlette.requests import Request
 
+from relay.checks import presented_key_digest
 from relay.config import ConfigError, Settings
 from relay.errors import StreamFailure
 from relay.framing import AnswerEvent
@@ -49,8 +49,7 @@ def owner_digest(request: Request, settings: Settings) -> bytes:
     (then the unguessable stream id is the capability)."""
     if not settings.api_keys:
         return b"anyone"
-    presented = request.headers.get("authorization", "").partition(" ")[2].strip()
-    return hashlib.sha256(presented.encode()).digest()
+    return presented_key_digest(request)
 
 
 def event_bytes(event: AnswerEvent) -> int:
