@@ -156,24 +156,31 @@ def upstream_env(upstream: FakeUpstream, **env: str) -> dict[str, str]:
     }
 
 
+def workers_of(pid: int) -> list[int]:
+    """uvicorn's worker processes under its supervisor `pid` (not multiprocessing's helper)."""
+    children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
 REDIS_SERVER = "/usr/bin/redis-server"  # Debian's redis-server package; .ci/run installs it
 
 
-def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A real redis-server on a loopback port, without persistence; returns it and its URL."""
+def start_redis(directory: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A real redis-server on a loopback port (`port`, so that a test can bring it back on the
+    same one, or a free one), without persistence; returns it and its URL."""
     if not Path(REDIS_SERVER).exists():
         pytest.fail(f"the replay tests need {REDIS_SERVER}: apt-get install -y redis-server")
-    for attempt in range(3):  # the probed port may be taken before redis binds it
-        port = free_port()
-        command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)]
+    for attempt in range(1 if port else 3):  # a probed port may be taken before redis binds it
+        bound = port or free_port()
+        command = [REDIS_SERVER, "--port", str(bound), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)]
         process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                with socket.create_connection(("127.0.0.1", bound), timeout=1) as probe:
                     probe.sendall(b"PING\r\n")
                     if probe.recv(64).startswith(b"+PONG"):
-                        return process, f"redis://127.0.0.1:{port}/0"
+                        return process, f"redis://127.0.0.1:{bound}/0"
             except OSError:
                 time.sleep(0.05)
         process.kill()

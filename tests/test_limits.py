@@ -11,8 +11,6 @@ import hashlib
 import os
 import re
 import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +27,7 @@ import redis
 from relay.config import ConfigError, load_settings
 from relay.limits import RATE_LIMIT_HEADERS, token_estimate
 
-from conftest import REDIS_SERVER, Service, free_port, launch, upstream_env, wait_until
+from conftest import Service, free_port, launch, start_redis, upstream_env, wait_until, workers_of
 from upstream import FakeUpstream, Reply
 
 STREAMS_KEY, OTHER_KEY, REQUESTS_KEY = "sk-limits-streams-Q7wz", "sk-limits-other-V2kd", "sk-limits-requests-P9xc"
@@ -124,20 +122,6 @@ def metric(services: list[Service], name: str, key: str = OTHER_KEY) -> float:
             if sample == name:
                 total += float(value)
     return total
-
-
-def worker_pids(parent: int) -> list[int]:
-    """The worker processes `python service.py` started (multiprocessing's spawn)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat, command = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
-            except OSError:
-                continue  # ended meanwhile
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in command:
-                found.append(int(entry.name))
-    return found
 
 
 def pair_env(upstream: FakeUpstream, redis_url: str, directory: Path) -> dict[str, str]:
@@ -318,7 +302,7 @@ def test_a_killed_worker_gives_its_streams_back_within_the_lease(
     fake.default = Reply()  # from here on, whole answers only
     try:
         assert [item.response.status_code for item in opened] == [200, 200]
-        workers = worker_pids(doomed.pid)
+        workers = workers_of(doomed.pid)
         assert len(workers) == 2
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
@@ -336,25 +320,6 @@ def test_a_killed_worker_gives_its_streams_back_within_the_lease(
 
 
 # -- Redis going away --------------------------------------------------------------------------------
-
-
-def start_redis_on(port: int, directory: Path) -> subprocess.Popen[bytes]:
-    """redis-server on a port of the test's choosing, so that it can come back on the same one."""
-    process = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-    def answers() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
-                probe.sendall(b"PING\r\n")
-                return probe.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    wait_until(answers, timeout=10, interval=0.05)
-    return process
 
 
 class Load:
@@ -392,7 +357,7 @@ def test_redis_stopped_and_restarted_under_load_hangs_nothing_and_is_used_again(
     fake: FakeUpstream, start_service: Callable[..., Service], tmp_path: Path, held: threading.Event
 ) -> None:
     port = free_port()
-    server = start_redis_on(port, tmp_path)
+    server, _ = start_redis(tmp_path, port)
     try:
         load_key, streams_key = "sk-limits-load-A1", "sk-limits-held-B2"
         service = start_service(upstream_env(
@@ -424,7 +389,7 @@ def test_redis_stopped_and_restarted_under_load_hangs_nothing_and_is_used_again(
             server.wait(timeout=10)
             time.sleep(1.5)
             assert not shared()
-            server = start_redis_on(port, tmp_path)  # back on the same port, empty
+            server, _ = start_redis(tmp_path, port)  # back on the same port, empty
             wait_until(shared, timeout=5)
             wait_until(lambda: look.exists(state) == 1, timeout=5)  # the counters live there again
         statuses = {status for _, _, status in load.results}

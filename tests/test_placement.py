@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import AUTH, Service, upstream_env, wait_until
+from conftest import AUTH, Service, upstream_env, wait_until, workers_of
 from upstream import FakeUpstream
 
 SCHED_BATCH = 3  # the policy field of /proc/<pid>/task/<tid>/stat
@@ -40,12 +40,6 @@ def batch_threads(pid: int) -> int:
             continue
         count += int(fields[38]) == SCHED_BATCH  # field 41 of proc(5), counted after the name
     return count
-
-
-def workers_of(pid: int) -> list[int]:
-    """uvicorn's worker processes under its supervisor `pid` (not multiprocessing's helper)."""
-    children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return [child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
 
 
 def stream_once(service: Service) -> None:
