@@ -26,6 +26,7 @@ class ServiceError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = dict(headers or {})
+        self.upstream_status: int | None = None  # the upstream's HTTP status, when this answers for one
         self.outcome = outcome  # how the log line says the request ended, if not by its type
 
     def body(self) -> dict[str, Any]:

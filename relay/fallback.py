@@ -38,7 +38,6 @@ from typing import Any
 
 import anyio.from_thread
 import httpx2
-import openai
 import orjson
 import prometheus_client
 
@@ -397,16 +396,10 @@ def judge_refusal(error: ServiceError) -> tuple[int | None, bool]:
     """The upstream's HTTP status, if it answered one, and whether the next upstream is asked:
     after a connection error, a timeout, a 5xx, a 408 or a 429, not after an error that is the
     request's own (or the operator's: credentials), which every upstream would answer alike."""
-    cause = error.__context__
-    # send_upstream raises its ServiceError while handling the openai error, which stays its
-    # __context__ (`from None` only hides it from tracebacks); a mapped 404 adds one step.
-    while cause is not None and not isinstance(cause, openai.OpenAIError):
-        cause = cause.__context__
-    if isinstance(cause, openai.APIStatusError):
-        return cause.status_code, cause.status_code >= 500 or cause.status_code in (408, 429)
-    if isinstance(cause, openai.APIConnectionError):  # timeouts included
-        return None, True
-    return None, error.status == 429 or error.code in ("upstream_timeout", "upstream_unreachable")
+    status = error.upstream_status
+    if status is not None:
+        return status, status >= 500 or status in (408, 429)
+    return None, error.code in ("upstream_timeout", "upstream_unreachable")  # no answer at all
 
 
 def judge(payloads: list[bytes], whole_events: bool) -> tuple[str | None, str | None]:

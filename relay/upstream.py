@@ -304,7 +304,15 @@ def _upstream_message(error: openai.APIStatusError) -> str:
 
 
 def service_error_from(error: openai.OpenAIError) -> ServiceError:
-    """What the client sees when the upstream fails before the first byte of the answer."""
+    """What the client sees when the upstream fails before the first byte of the answer, with the
+    upstream's own status kept (`upstream_status`) for whoever decides what to do next."""
+    mapped = client_error_from(error)
+    if isinstance(error, openai.APIStatusError):
+        mapped.upstream_status = error.status_code
+    return mapped
+
+
+def client_error_from(error: openai.OpenAIError) -> ServiceError:
     if isinstance(error, openai.APITimeoutError):
         return ServiceError(504, "The upstream did not answer in time.", "upstream_timeout", "upstream_timeout")
     if isinstance(error, openai.APIConnectionError):
@@ -442,12 +450,14 @@ async def post_upstream(client: UpstreamClient, call: UpstreamCall, path: str, b
 
 
 def no_responses_api(error: ServiceError, request: str) -> ServiceError:
-    return ServiceError(
+    unsupported = ServiceError(
         404,
         f"The upstream has no Responses API: {request} answered 404 ({error.message}). OpenAI and recent vLLM "
         "versions serve it; older Ollama and llama.cpp servers do not. Use /v1/chat/completions with this upstream.",
         code="responses_api_unsupported",
     )
+    unsupported.upstream_status = error.upstream_status
+    return unsupported
 
 
 async def open_responses(client: UpstreamClient, call: UpstreamCall, body: dict[str, Any]) -> httpx2.Response:
