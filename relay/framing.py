@@ -137,10 +137,12 @@ class ResponsesFraming(PassThroughFraming):
             data = event_data(event)
             if data != DONE:
                 try:
-                    parsed = parse_chunk(data)
+                    parsed = parse_chunk(data)  # raises for the nested shape, {"type": "error", "error": {...}}
+                    if parsed.get("type") == "error":  # the flat shape: the event is the error
+                        raise UpstreamReported(parsed, parsed)
                 except UpstreamReported as failure:
                     self.failure = failure
-                    if failure.chunk.get("type") == "error":  # the current shape nests its error: still the upstream's own event
+                    if failure.chunk.get("type") == "error":  # either shape: the upstream's own event, passed on as it is
                         self._upstream_error = event + b"\n\n"
                     break
                 except StreamFailure as failure:
@@ -149,10 +151,6 @@ class ResponsesFraming(PassThroughFraming):
                 kind = str(parsed.get("type", "")).encode()
                 if isinstance(parsed.get("sequence_number"), int):
                     self._last_sequence_number = parsed["sequence_number"]
-                if kind == b"error":
-                    self.failure = UpstreamReported(parsed, parsed)
-                    self._upstream_error = event + b"\n\n"
-                    break
                 if kind.endswith(b".delta"):
                     self.pieces += 1
                     if self._texts is not None and kind == b"response.output_text.delta":
