@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.config import Settings
 from relay.events import DONE, event_data
+from relay.framing import RESPONSE_ENDINGS
 from relay.observability import CONNECTION_VERDICT, Exchange, Metrics, loggable_path, stream_digest
 from relay.upstream import ClientGone, UpstreamCall
 
@@ -65,8 +66,7 @@ WARN_EVERY_SECONDS = 60.0  # at most one warning about dropped telemetry per min
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 CHUNK_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 TOKEN_BUCKETS = tuple(float(4**n) for n in range(14))  # 1, 4, 16 ... 67,108,864
-# Responses API events that end a response, and what each says of why it ended.
-RESPONSE_ENDINGS = (b"response.completed", b"response.incomplete", b"response.failed")
+# What a Responses API response that ended incomplete says of why, as a finish reason.
 INCOMPLETE_REASONS = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
 
