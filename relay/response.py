@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from relay.admission import Slot
 from relay.errors import StreamFailure
 from relay.framing import Framing
-from relay.observability import OUTCOMES, SERVING_LAYER, Exchange
+from relay.observability import CONNECTION_VERDICT, OUTCOMES, SERVING_LAYER, Exchange
 from relay.runtime import Runtime, cut_short
 from relay.tracing import end_traces
 from relay.upstream import ClientGone, UpstreamCall
@@ -75,8 +75,11 @@ class RelayResponse(StreamingResponse):
             if self.slot is not None:
                 self.slot.release()
             self.runtime.metrics.active_streams.dec()
+            verdict = scope.get(CONNECTION_VERDICT)
+            if verdict is not None:  # the serving layer ended the connection itself (a stalled client)
+                self.outcome = verdict[1]
             self.exchange.outcome = self.outcome
-            end_traces(self.calls, self.outcome, scope)
+            end_traces(self.calls, self.outcome)
 
     def abort_upstream(self) -> None:
         for call in self.calls:

@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from relay.config import Settings
 from relay.events import DONE, event_data
 from relay.framing import RESPONSE_ENDINGS
-from relay.observability import CONNECTION_VERDICT, Exchange, Metrics, loggable_path, stream_digest
+from relay.observability import Exchange, Metrics, loggable_path, stream_digest
 from relay.upstream import ClientGone, UpstreamCall
 
 if TYPE_CHECKING:
@@ -653,13 +653,11 @@ def watched(trace: CallTrace, events: Iterator[list[bytes]]) -> Iterator[list[by
             close()  # now, not when collected: the call's connection goes back at once
 
 
-def end_traces(calls: Iterable[UpstreamCall], outcome: str, scope: Scope | None = None) -> None:
-    """The stream of `calls` ended as `outcome`, or as the serving layer's verdict on its
-    connection when it gave one (a stalled client it dropped): their open spans end so."""
-    verdict = scope.get(CONNECTION_VERDICT) if scope is not None else None
+def end_traces(calls: Iterable[UpstreamCall], outcome: str) -> None:
+    """The stream of `calls` ended as `outcome`: their open spans end so."""
     for call in calls:
         if isinstance(call.trace, CallTrace):
-            call.trace.end(verdict[1] if verdict is not None else outcome)
+            call.trace.end(outcome)
 
 
 def follow_round(previous: UpstreamCall, call: UpstreamCall, body: Mapping[str, Any]) -> None:
