@@ -298,7 +298,7 @@ class Reservation:
 class KeyLimits:
     """Both stores' interface and what they share: whose key a request sends, the estimate, the
     headers, the refusals, the metrics, and this process's own counts. `take` (and, in Redis,
-    `held_shared` and `settle_shared`) are each store's own."""
+    `settle_shared`) are each store's own."""
 
     kind = "none"
 
@@ -306,7 +306,7 @@ class KeyLimits:
         self.settings = settings
         self.policies = key_policies(settings)
         self.here = LocalCounts()
-        self.outstanding: dict[str, Reservation] = {}  # by lease: settled at shutdown if still open
+        self.outstanding: dict[str, Reservation] = {}  # by lease: settled at shutdown if still open; the shared ones renewed in Redis
         registry = metrics.registry
         self.admitted = prometheus_client.Counter("relay_key_admitted", "Requests admitted under their key's limits, by key.", ["key"], registry=registry)
         self.refused = prometheus_client.Counter(
@@ -337,8 +337,6 @@ class KeyLimits:
         self.admitted.labels(policy.label).inc()
         exchange.response_headers += [(name.encode(), value.encode()) for name, value in rate_limit_headers(policy, standing).items()]
         reservation = self.outstanding[lease] = Reservation(self, policy, lease, prompt, cost, exchange, body is not None, standing.shared)
-        if standing.shared:
-            self.held_shared(reservation)
         return reservation
 
     def settle(self, reservation: Reservation, used: int) -> None:
@@ -352,9 +350,6 @@ class KeyLimits:
     async def take(self, policy: KeyPolicy, lease: str, cost: int) -> Standing:
         """Check the key's limits, and take a stream, a request and `cost` tokens if they allow it."""
         raise NotImplementedError
-
-    def held_shared(self, reservation: Reservation) -> None:
-        """A reservation Redis holds, until it is settled there."""
 
     def settle_shared(self, reservation: Reservation, used: int) -> None:
         """Settle in Redis, soon: `release` cannot wait for it."""
@@ -531,7 +526,6 @@ class RedisKeyLimits(KeyLimits):
         self.settle_script = self.redis.register_script(SETTLE)
         self.renew_script = self.redis.register_script(RENEW)
         self.lease_ms = int(settings.key_lease_seconds * 1000)
-        self.held: dict[str, Reservation] = {}  # by lease: open in Redis, renewed by this process
         self.settling: deque[tuple[KeyPolicy, str, int]] = deque()  # (key, lease, tokens used), oldest first
         self.unsettled: dict[str, dict[str, int]] = {}  # by key: lease -> tokens used, until Redis confirmed it
         self.wake = asyncio.Event()
@@ -587,11 +581,7 @@ class RedisKeyLimits(KeyLimits):
             self.away = False
             log.warning("Redis answers again: per-key limits are shared again.")
 
-    def held_shared(self, reservation: Reservation) -> None:
-        self.held[reservation.lease] = reservation
-
     def settle_shared(self, reservation: Reservation, used: int) -> None:
-        self.held.pop(reservation.lease, None)
         self.queue_settlement(reservation.policy, reservation.lease, used)
 
     def queue_settlement(self, policy: KeyPolicy, lease: str, used: int) -> None:
@@ -675,7 +665,9 @@ class RedisKeyLimits(KeyLimits):
 
     async def renew(self) -> None:
         by_key: dict[str, tuple[KeyPolicy, list[Any]]] = {}
-        for lease, reservation in self.held.items():
+        for lease, reservation in self.outstanding.items():
+            if not reservation.shared:
+                continue  # counted in this process alone while Redis was away: nothing there to renew
             policy = reservation.policy
             by_key.setdefault(policy.digest, (policy, [self.lease_ms, policy.tokens_per_minute]))[1].extend((lease, reservation.cost))
         if not by_key:
