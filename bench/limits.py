@@ -36,7 +36,7 @@ from typing import Any
 
 from client import cpu_seconds
 from resume import start_redis
-from run import HERE, V1, Phase, Processes, drain, fmt, machine, run_client, servers_stopped_at_the_end, start_service, start_upstream
+from run import HERE, V1, Phase, Processes, drain, fmt, machine, run_client, servers_stopped_at_the_end, start_service, start_upstream, warm_up
 
 sys.path.insert(0, str(HERE.parent))  # the service's own package, for the check alone
 
@@ -71,9 +71,7 @@ def main() -> None:
         info = machine(services[0][1][0].pid)
         print(f"machine: {info['cpu']}, {info['cores']} cores, {info['python']}, Linux {info['kernel']}")
         for _, (process, port) in services:  # imports, pooled connections, Redis scripts loaded
-            warm_up = Phase("warm-up", "service", V1, 20, 20, 100, 0.2, 0.5)
-            run_client(processes, warm_up.spec(port, {"service": process.pid, "upstream": upstream.pid}, None), warm_up.timeout())
-            drain(port)
+            warm_up(processes, port, {"service": process.pid, "upstream": upstream.pid})
         quick = args.quick
         loads = [
             # (name, unit, streams, tokens, tokens/s, ramp, window)

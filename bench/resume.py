@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import CHAT, HERE, START_SECONDS, V1, Phase, Processes, drain, figures, fmt, free_port, machine, run_client, servers_stopped_at_the_end, start_service, start_upstream
+from run import CHAT, HERE, START_SECONDS, V1, Phase, Processes, drain, figures, fmt, free_port, machine, run_client, servers_stopped_at_the_end, start_service, start_upstream, warm_up
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -68,9 +68,7 @@ def main() -> None:
             ("/chat, Redis store", shared_port, {"service": shared.pid, "upstream": upstream.pid, "redis": redis.pid}, CHAT, True),
         ]
         for port, pids in ((memory_port, targets[0][2]), (shared_port, targets[3][2])):  # warm up both services
-            warm_up = Phase("warm-up", "service", CHAT, 20, 20, 100, 0.2, 0.5)
-            run_client(processes, warm_up.spec(port, pids, None), warm_up.timeout())
-            drain(port)
+            warm_up(processes, port, pids, CHAT)
         levels = [("1", 1, 50.0), ("100", 100, 20.0)]
         rows: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
         for level, streams, rate in levels:

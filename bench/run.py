@@ -238,6 +238,13 @@ def drain(port: int) -> None:
     print(f"  (the service still had open streams {DRAIN_SECONDS} s after the phase)", flush=True)
 
 
+def warm_up(processes: Processes, port: int, pids: dict[str, int], path: str = V1, streams: int = 20) -> None:
+    """A short load first (imports, threads, pooled connections), then the service drained."""
+    phase = Phase("warm-up", "service", path, streams, 20, 100, 0.2, 0.5)
+    run_client(processes, phase.spec(port, pids, None), phase.timeout())
+    drain(port)
+
+
 def run_client(processes: Processes, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     client = processes.start("client", [PYTHON, str(HERE / "client.py"), json.dumps(spec)], stdout=subprocess.PIPE)
     try:
@@ -497,9 +504,7 @@ def main() -> None:
         print("the load client and the fake upstream share the cores with the service: see their columns below\n")
         pids = {"service": service.pid, "upstream": upstream.pid}
         # Warm up once (imports, first requests, the upstream connection pool), then take the idle RSS.
-        warm_up = Phase("warm-up", "service", V1, 50, 20, 100, 0.2, 0.5)
-        run_client(processes, warm_up.spec(service_port, pids, None), warm_up.timeout())
-        drain(service_port)
+        warm_up(processes, service_port, pids, streams=50)
         time.sleep(0.5)
         idle_rss = rss_kib(service.pid)
 

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from run import HERE, V1, Phase, Processes, drain, figures, fmt, machine, run_client, servers_stopped_at_the_end, start_service, start_upstream
+from run import HERE, V1, Phase, Processes, drain, figures, fmt, machine, run_client, servers_stopped_at_the_end, start_service, start_upstream, warm_up
 
 HOLD_SECONDS = 600.0  # the longest the dead sink holds an export; the run ends first
 
@@ -96,9 +96,7 @@ def main() -> None:
             print(f"machine: {info['cpu']}, {info['cores']} cores, {info['python']}, Linux {info['kernel']}")
             print(f"load: {args.streams} streams of {tokens} tokens at {rate:g} tokens/s, {V1}, {window:g} s window, {rounds} round(s)\n")
             for label, process, port in services:  # warm each up: imports, threads, pooled connections
-                warm_up = Phase("warm-up", "service", V1, 20, 20, 100, 0.2, 0.5)
-                run_client(processes, warm_up.spec(port, {"service": process.pid, "upstream": upstream.pid}, None), warm_up.timeout())
-                drain(port)
+                warm_up(processes, port, {"service": process.pid, "upstream": upstream.pid})
             rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in services}
             for number in range(1, rounds + 1):
                 for label, process, port in services:
