@@ -225,7 +225,7 @@ class ChatSSEFraming(ChatFraming):
         return self._event(AnswerEvent(0, "error", {"error": failure.error()}))  # the reader's own ending
 
     def _event(self, event: AnswerEvent) -> bytes:
-        data = json.dumps(event.data, ensure_ascii=False)
+        data = line_safe_json(event.data)
         if not event.seq:
             return f"event: {event.kind}\ndata: {data}\n\n".encode()
         return f"id: {self.stream_id}.{event.seq}\nevent: {event.kind}\ndata: {data}\n\n".encode()
@@ -246,7 +246,18 @@ class ChatNDJSONFraming(ChatFraming):
 
     @staticmethod
     def _line(data: dict[str, Any]) -> bytes:
-        return (json.dumps(data, ensure_ascii=False) + "\n").encode()
+        return (line_safe_json(data) + "\n").encode()
+
+
+# What str.splitlines() takes for a line break that JSON leaves unescaped. httpx's and requests'
+# iter_lines() split with it, so a model's U+2028 would cut a JSON line in two for their users.
+LINE_BREAKS_IN_JSON = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def line_safe_json(data: dict[str, Any]) -> str:
+    """`data` as JSON, text kept as it is except the line breaks that JSON need not escape."""
+    text = json.dumps(data, ensure_ascii=False)
+    return text.translate(LINE_BREAKS_IN_JSON) if not text.isascii() else text
 
 
 CHAT_FRAMINGS: dict[str, type[ChatFraming]] = {

@@ -372,6 +372,18 @@ def test_an_upstream_5xx_is_retried_briefly_and_its_message_kept_from_the_client
     wait_until(lambda: secret in guarded.log(), timeout=5)
 
 
+@pytest.mark.parametrize("accept", ["application/x-ndjson", "text/event-stream"])
+def test_a_line_separator_in_the_answer_does_not_cut_a_line_for_iter_lines(fake: FakeUpstream, service: Service, accept: str) -> None:
+    """httpx's and requests' iter_lines() split on what str.splitlines() does: U+2028, U+2029, U+0085."""
+    pieces = ["one\u2028", "two\u2029", "three\x85", "four"]
+    fake.expect(Reply(pieces=pieces))
+    with httpx.Client(base_url=service.base_url, headers={**AUTH, "Accept": accept}, timeout=10) as http:
+        with http.stream("POST", "/chat", json={"message": "hi"}) as response:
+            lines = [line for line in response.iter_lines() if line.startswith(("{", "data:"))]
+    payloads = [json.loads(line.removeprefix("data:")) for line in lines]
+    assert [payload["text"] for payload in payloads if "text" in payload] == pieces
+
+
 # -- malformed HTTP -------------------------------------------------------------------------------
 
 
