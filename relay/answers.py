@@ -73,7 +73,7 @@ class AnswerProducer:
         self.runtime.shedder.waited(self.calls[-1].waited(time.monotonic()))
         if not texts:
             return
-        events = [AnswerEvent(self.seq + number, "delta", {"text": text}) for number, text in enumerate(texts, 1)]
+        events = [AnswerEvent(self.seq + number, "delta", text=text) for number, text in enumerate(texts, 1)]
         self.seq += len(events)
         await self.store.append(self.stream_id, events)
 
@@ -205,7 +205,7 @@ class AnswerReader(RelayResponse):
                     if ending is not None:
                         framing.ending = ending
                         if ending.kind == "error":
-                            error = ending.data["error"]
+                            error = ending.payload()["error"]
                             raise StreamFailure(error["type"], error["message"], error.get("code"))
                         return
         except ReplayStoreUnavailable as error:

@@ -16,10 +16,10 @@ import logging
 import math
 import secrets
 import time
+from array import array
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -53,8 +53,12 @@ def owner_digest(request: Request, settings: Settings) -> bytes:
 
 
 def event_bytes(event: AnswerEvent) -> int:
-    """About what an event costs to keep; text dominates, the rest is bookkeeping."""
-    return 64 + len(event.data.get("text", "")) * 4 if event.kind == "delta" else 512
+    """About what an event costs to keep, at most; text dominates, the rest is bookkeeping."""
+    return text_bytes(event.text) if event.kind == "delta" else 512
+
+
+def text_bytes(text: str) -> int:
+    return 64 + len(text) * 4
 
 
 class ReplayStoreUnavailable(Exception):
@@ -150,28 +154,87 @@ class ReplayStore:
         return {"store": self.kind}
 
 
-@dataclass
 class MemoryAnswer:
-    owner: bytes
-    events: list[AnswerEvent] = field(default_factory=list)
-    size: int = 0
-    ended: bool = False
-    dropped: bool = False  # evicted to keep the store within RESUME_MAX_BYTES
-    changed: anyio.Event = field(default_factory=anyio.Event)
-    positions: dict[object, int] = field(default_factory=dict)  # of the readers following it: the last seq each has
+    """One answer's events in this process's memory.
+
+    An answer's events are its pieces of text ("delta", numbered one after the other) and then one
+    ending, so it keeps texts, not events: a list of them while the answer runs, and once it has
+    ended (to wait RESUME_TTL_SECONDS for a reader), one string and where each piece starts in it,
+    a few bytes per piece instead of an object, a dict and a string each."""
+
+    def __init__(self, owner: bytes) -> None:
+        self.owner = owner
+        self.first = 1  # the seq of the first event kept
+        self.texts: list[str] = []  # the pieces kept, while the answer runs
+        self.joined = ""  # and once it ended: all of them,
+        self.starts: array[int] | None = None  # and where each one starts in `joined`
+        self.ending: AnswerEvent | None = None
+        self.size = 0
+        self.ended = False
+        self.dropped = False  # evicted to keep the store within RESUME_MAX_BYTES
+        self.changed = anyio.Event()
+        self.positions: dict[object, int] = {}  # of the readers following it: the last seq each has
+
+    def pieces(self) -> int:
+        return len(self.texts) if self.starts is None else len(self.starts)
+
+    def count(self) -> int:
+        """How many events are kept."""
+        return self.pieces() + (self.ending is not None)
 
     def first_seq(self) -> int:
-        return self.events[0].seq if self.events else 0
+        return self.first if self.count() else 0
+
+    def last_seq(self) -> int:
+        return self.first + self.count() - 1
+
+    def add(self, events: list[AnswerEvent]) -> None:
+        if not self.count():
+            self.first = events[0].seq
+        for event in events:
+            if event.kind == "delta":
+                self.texts.append(event.text)
+            else:
+                self.ending = event
+
+    def compact(self) -> None:
+        """The answer has ended: its pieces become one string."""
+        starts, offset = array("I"), 0
+        for text in self.texts:
+            starts.append(offset)
+            offset += len(text)
+        self.joined, self.starts, self.texts = "".join(self.texts), starts, []
+
+    def text(self, index: int) -> str:
+        if self.starts is None:
+            return self.texts[index]
+        end = self.starts[index + 1] if index + 1 < len(self.starts) else len(self.joined)
+        return self.joined[self.starts[index] : end]
+
+    def events_after(self, after: int) -> list[AnswerEvent]:
+        """The kept events numbered after `after`."""
+        pieces = self.pieces()
+        events = [AnswerEvent(self.first + index, "delta", text=self.text(index)) for index in range(max(after + 1 - self.first, 0), pieces)]
+        if self.ending is not None and self.ending.seq > after:
+            events.append(self.ending)
+        return events
 
     def drop_oldest(self, target: int) -> int:
         """Forget the oldest events (keeping the last, and what a reader following the answer has
         yet to read) until at most `target` bytes are kept."""
         read_by_all = min(self.positions.values(), default=math.inf)
+        pieces = min(self.pieces(), self.count() - 1)
         count = freed = 0
-        while count < len(self.events) - 1 and self.size - freed > target and self.events[count].seq <= read_by_all:
-            freed += event_bytes(self.events[count])
+        while count < pieces and self.size - freed > target and self.first + count <= read_by_all:
+            freed += text_bytes(self.text(count))
             count += 1
-        del self.events[:count]
+        if self.starts is not None and count:
+            cut = self.starts[count] if count < len(self.starts) else len(self.joined)
+            self.joined = self.joined[cut:]
+            self.starts = array("I", (start - cut for start in self.starts[count:]))
+        else:
+            del self.texts[:count]
+        self.first += count
         self.size -= freed
         return freed
 
@@ -210,7 +273,7 @@ class MemoryReplayStore(ReplayStore):
         if answer is None:
             return  # evicted whole: its readers were told
         added = sum(event_bytes(event) for event in events)
-        answer.events += events
+        answer.add(events)
         answer.size += added
         self._bytes += added
         if answer.size > self.settings.resume_answer_bytes:
@@ -235,6 +298,7 @@ class MemoryReplayStore(ReplayStore):
         answer = self._answers.get(stream_id)
         if answer is not None:
             answer.ended = True
+            answer.compact()
             self._expiries.append((time.monotonic() + self.settings.resume_ttl_seconds, stream_id))
 
     async def owner(self, stream_id: str) -> bytes | None:
@@ -244,12 +308,12 @@ class MemoryReplayStore(ReplayStore):
 
     async def final_seq(self, stream_id: str) -> int | None:
         answer = self._answers.get(stream_id)
-        return answer.events[-1].seq if answer is not None and answer.ended and answer.events else None
+        return answer.last_seq() if answer is not None and answer.ended and answer.count() else None
 
     def holds(self, stream_id: str, after: int) -> bool:
         """Whether every event of the answer after `after` is still here."""
         answer = self._answers.get(stream_id)
-        return answer is not None and not answer.dropped and (not answer.events or answer.first_seq() <= after + 1)
+        return answer is not None and not answer.dropped and (not answer.count() or answer.first_seq() <= after + 1)
 
     async def follow(self, stream_id: str, after: int) -> AsyncGenerator[list[AnswerEvent], None]:
         answer = self._answers.get(stream_id)
@@ -258,14 +322,13 @@ class MemoryReplayStore(ReplayStore):
         reader = object()
         try:
             while True:
-                if answer.dropped or (answer.events and answer.first_seq() > after + 1):
+                if answer.dropped or (answer.count() and answer.first_seq() > after + 1):
                     raise replay_lost("The service no longer keeps the part of the answer this reader lacks.")
                 answer.positions[reader] = after
-                start = after + 1 - answer.first_seq() if answer.events else 0
-                if answer.ended and start >= len(answer.events):
+                if answer.ended and answer.last_seq() <= after:
                     raise replay_lost("The answer has no events after that one.")
-                if start < len(answer.events):
-                    batch = answer.events[start:]
+                if answer.count() and answer.last_seq() > after:
+                    batch = answer.events_after(after)
                     yield batch
                     if batch[-1].kind != "delta":
                         return
@@ -356,7 +419,7 @@ class RedisReplayStore(ReplayStore):
         sizes.append((last, size))
         self._kept[stream_id] += size
         async with self._reaching(), self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(key, {"e": json.dumps([[e.seq, e.kind, e.data] for e in events], ensure_ascii=False)}, id=f"{last}-0")
+            pipe.xadd(key, {"e": json.dumps([[e.seq, e.kind, e.payload()] for e in events], ensure_ascii=False)}, id=f"{last}-0")
             if len(sizes) == 1:
                 pipe.pexpire(key, self._running_ms())
             if events[-1].kind != "delta":
@@ -426,7 +489,7 @@ class RedisReplayStore(ReplayStore):
                     continue
             for entry_id, fields in reply[0][1]:
                 cursor = entry_id
-                batch = [AnswerEvent(seq, kind, data) for seq, kind, data in json.loads(fields[b"e"]) if seq > after]
+                batch = [AnswerEvent.of(seq, kind, payload) for seq, kind, payload in json.loads(fields[b"e"]) if seq > after]
                 if not batch:
                     continue
                 if batch[0].seq != after + 1:

@@ -183,6 +183,19 @@ def test_streams_route_frames_a_resumed_answer_like_a_fresh_one(fake: FakeUpstre
     assert len(fake.requests) == 1
 
 
+def test_an_ended_answer_resumes_from_every_piece_whatever_its_characters(fake: FakeUpstream, memory_service: Service) -> None:
+    # An ended answer is kept as one string and where each piece starts in it.
+    pieces = ["é", "日本", "😀x", " ", "a\u0301", "\u2028", "ok"]
+    fake.expect(Reply(pieces=pieces))
+    with client(memory_service) as http:
+        stream_id = http.post("/chat", json={"message": "hi"}).headers["x-stream-id"]
+        for after in range(len(pieces) + 1):
+            rest = http.get(f"/chat/streams/{stream_id}", params={"after": after}, headers=NDJSON).text.splitlines()
+            deltas = [json.loads(line) for line in rest[:-1]]
+            assert [delta["text"] for delta in deltas] == pieces[after:] and json.loads(rest[-1])["type"] == "done"
+    assert len(fake.requests) == 1
+
+
 @pytest.mark.parametrize("where", ["memory", "redis-other-replica"])
 def test_a_resume_after_the_last_event_is_told_there_is_nothing_more(fake: FakeUpstream, request: pytest.FixtureRequest, where: str) -> None:
     if where == "memory":
