@@ -227,6 +227,25 @@ def start_service(
     return process, port
 
 
+def fresh_service(
+    processes: Processes, service_path: Path, upstream_port: int, upstream_pid: int, previous: subprocess.Popen[bytes] | None
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """A service process of its own for the next phase, warmed up as every phase's is, and its idle
+    RSS. A phase measured in a process that an earlier phase grew would be charged for that growth
+    (RSS does not shrink) and would start with that phase's threads and pooled connections."""
+    if previous is not None and previous.poll() is None:
+        previous.send_signal(signal.SIGINT)
+        try:
+            previous.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            previous.kill()
+            previous.wait(timeout=5)
+    service, port = start_service(processes, service_path, upstream_port)
+    warm_up(processes, port, {"service": service.pid, "upstream": upstream_pid}, streams=50)
+    time.sleep(0.5)
+    return service, port, rss_kib(service.pid)
+
+
 def drain(port: int) -> None:
     """Wait until the service has closed the streams of the last phase (cut by the client)."""
     deadline = time.monotonic() + DRAIN_SECONDS
@@ -502,11 +521,7 @@ def main() -> None:
         print(f"service: {service_path} (pid {service.pid}); uvloop {'yes' if info['service_uses_uvloop'] else 'NO'}, "
               f"httptools {'yes' if info['service_uses_httptools'] else 'NO'}")
         print("the load client and the fake upstream share the cores with the service: see their columns below\n")
-        pids = {"service": service.pid, "upstream": upstream.pid}
-        # Warm up once (imports, first requests, the upstream connection pool), then take the idle RSS.
-        warm_up(processes, service_port, pids, streams=50)
-        time.sleep(0.5)
-        idle_rss = rss_kib(service.pid)
+        idle_rss = 0
 
         rows: list[tuple[Phase, dict[str, Any], dict[str, Any]]] = []
         directs: dict[str, dict[str, Any]] = {}
@@ -525,6 +540,9 @@ def main() -> None:
         for phase in phases:
             print(f"  {describe(phase)} ...", end="", flush=True)
             to_service = phase.target == "service"
+            if to_service:
+                service, service_port, idle_rss = fresh_service(processes, service_path, upstream_port, upstream.pid, service)
+            pids = {"service": service.pid, "upstream": upstream.pid}
             if phase.target == "peer":
                 spec = phase.spec(peer_port, {**pids, "service": peer.pid}, peer_port)
             else:
