@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import shape  # bench/shape.py: the shape's own cost, the floor under the relay's
+from peer import PLAIN_SHAPE  # bench/peer.py: the shape with nothing around it
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -59,7 +60,7 @@ class Phase:
 
     @property
     def name(self) -> str:
-        return {"direct": "direct to upstream", "peer": "async peer (/v1)"}.get(self.target, self.path)
+        return {"direct": "direct to upstream", "peer": "async peer (/v1)", "plain": "plain shape (/v1)"}.get(self.target, self.path)
 
     def spec(self, port: int, pids: dict[str, int], health_port: int | None) -> dict[str, Any]:
         return {**asdict(self), "port": port, "pids": pids, "health_port": health_port, "grace": min(1.0, self.window / 2)}
@@ -92,6 +93,8 @@ def plan(quick: bool, levels: set[str] | None = None) -> list[Phase]:
         ramp = tokens / rate if rate else window / 3  # one stream's duration: then N stay open
         phases.append(Phase(level, "direct", V1, streams, tokens, rate, ramp, window))
         phases += [Phase(level, "service", path, streams, tokens, rate, ramp, window) for path in paths]
+        if level == "100":  # the shape with nothing around it (bench/peer.py), at the level the cost targets name
+            phases.append(Phase(level, "plain", PLAIN_SHAPE, streams, tokens, rate, ramp, window))
     if levels is not None and "500" in levels:
         # 500 closed-loop users, far past one worker: the service (shedding, on time) and the plain
         # async pass-through (bench/peer.py: everything admitted, everything late), side by side.
@@ -527,7 +530,7 @@ def main() -> None:
         directs: dict[str, dict[str, Any]] = {}
         phases = plan(args.quick, set(args.levels.split(",")) if args.levels else None)
         peer_port = None
-        if any(phase.target == "peer" for phase in phases):
+        if any(phase.target in ("peer", "plain") for phase in phases):
             peer_port = free_port()
             peer_env = dict(os.environ, OPENAI_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1", PORT=str(peer_port))
             with open(logs / "peer.log", "ab") as out:
@@ -543,7 +546,7 @@ def main() -> None:
             if to_service:
                 service, service_port, idle_rss = fresh_service(processes, service_path, upstream_port, upstream.pid, service)
             pids = {"service": service.pid, "upstream": upstream.pid}
-            if phase.target == "peer":
+            if phase.target in ("peer", "plain"):
                 spec = phase.spec(peer_port, {**pids, "service": peer.pid}, peer_port)
             else:
                 spec = phase.spec(service_port if to_service else upstream_port, pids, service_port if to_service else None)
@@ -583,12 +586,14 @@ def main() -> None:
             print(f" {floor:.1f} µs CPU per token", flush=True)
         print_tables(rows)
         print_overload(rows)
+        plain = next((row["service_cpu_us_per_token"] for phase, _, row in rows if phase.level == "100" and phase.target == "plain"), None)
         if floor is not None:
             for phase, _, row in rows:
-                if phase.level == "100" and phase.target == "service":
+                if phase.level == "100" and phase.target in ("service", "plain"):
                     row["cpu_per_token_over_floor"] = over(row["service_cpu_us_per_token"], floor)
-                    print(f"{phase.path}: {row['service_cpu_us_per_token']:.1f} µs CPU per token at 100 streams = "
-                          f"{row['cpu_per_token_over_floor']:.2f}x the shape's floor ({floor:.1f} µs, same run)")
+                    versus_plain = f", {over(row['service_cpu_us_per_token'], plain):.2f}x the plain shape's" if plain and phase.target == "service" else ""
+                    print(f"{phase.name}: {row['service_cpu_us_per_token']:.1f} µs CPU per token at 100 streams = "
+                          f"{row['cpu_per_token_over_floor']:.2f}x the shape's floor ({floor:.1f} µs, same run){versus_plain}")
         targets = check_targets(rows, floor)
         busy = max(f["cores_other_processes"] or 0.0 for _, _, f in rows)
         print(
