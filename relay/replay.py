@@ -169,6 +169,7 @@ class MemoryAnswer:
         self.joined = ""  # and once it ended: all of them,
         self.starts: array[int] | None = None  # and where each one starts in `joined`
         self.ending: AnswerEvent | None = None
+        self.latest: list[AnswerEvent] = []  # the last append's events, as they came: what a live reader takes next
         self.size = 0
         self.ended = False
         self.dropped = False  # evicted to keep the store within RESUME_MAX_BYTES
@@ -196,6 +197,7 @@ class MemoryAnswer:
                 self.texts.append(event.text)
             else:
                 self.ending = event
+        self.latest = events
 
     def compact(self) -> None:
         """The answer has ended: its pieces become one string."""
@@ -213,6 +215,9 @@ class MemoryAnswer:
 
     def events_after(self, after: int) -> list[AnswerEvent]:
         """The kept events numbered after `after`."""
+        latest = self.latest
+        if latest and latest[0].seq == after + 1 >= self.first:
+            return latest  # a reader that keeps up: the events as they were appended
         pieces = self.pieces()
         events = [AnswerEvent(self.first + index, "delta", text=self.text(index)) for index in range(max(after + 1 - self.first, 0), pieces)]
         if self.ending is not None and self.ending.seq > after:
