@@ -4,6 +4,7 @@ as streams run, request ids, and never a prompt, a completion or a key unless LO
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -59,6 +60,26 @@ def test_a_request_id_is_generated_when_missing_or_unsafe(fake: FakeUpstream, ob
     assert line_for(observed, generated)["outcome"] == "completed"
     replaced = http.get("/chat", params={"q": "hi"}, headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", replaced)
+
+
+def test_request_ids_stay_unique_in_a_forked_worker() -> None:
+    """gunicorn --preload forks workers from a process that may have made ids already."""
+    from relay.observability import request_ids
+
+    before = [request_ids.new() for _ in range(3)]
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write, " ".join(request_ids.new() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        in_child = pipe.read().split()
+    os.waitpid(child, 0)
+    after = [request_ids.new() for _ in range(3)]
+    ids = before + in_child + after
+    assert len(in_child) == 3 and len(set(ids)) == 9 and all(re.fullmatch(r"[0-9a-f]{32}", id_) for id_ in ids)
+    assert {id_[:16] for id_ in in_child}.isdisjoint({id_[:16] for id_ in before + after})
 
 
 def test_a_disconnected_stream(fake: FakeUpstream, observed: Service, http: httpx.Client) -> None:
