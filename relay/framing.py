@@ -186,8 +186,8 @@ class AnswerEvent:
     text ("delta", its `text`), the summary that ends the answer ("done", `data`), or the error that
     ends it ("error", data {"error"}). `seq` counts the answer's events from 1.
 
-    A stored answer keeps one per piece of text for RESUME_TTL_SECONDS, so a delta is slots and
-    its text, not a dict around it: about 100 bytes instead of 320."""
+    Every reader of an answer gets one per piece of text, so a delta carries its text, not a dict
+    around it, and the class has slots."""
 
     seq: int
     kind: str
