@@ -231,7 +231,8 @@ def start_service(
 
 
 def fresh_service(
-    processes: Processes, service_path: Path, upstream_port: int, upstream_pid: int, previous: subprocess.Popen[bytes] | None
+    processes: Processes, service_path: Path, upstream_port: int, upstream_pid: int, previous: subprocess.Popen[bytes] | None,
+    settings: dict[str, str],
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """A service process of its own for the next phase, warmed up as every phase's is, and its idle
     RSS. A phase measured in a process that an earlier phase grew would be charged for that growth
@@ -243,7 +244,7 @@ def fresh_service(
         except subprocess.TimeoutExpired:
             previous.kill()
             previous.wait(timeout=5)
-    service, port = start_service(processes, service_path, upstream_port)
+    service, port = start_service(processes, service_path, upstream_port, **settings)
     warm_up(processes, port, {"service": service.pid, "upstream": upstream_pid}, streams=50)
     time.sleep(0.5)
     return service, port, rss_kib(service.pid)
@@ -502,7 +503,12 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="py-spy record the service during the overload phase into this file (.txt: collapsed stacks, else SVG)")
     parser.add_argument("--profile-level", default="overload", help="the level --profile records (default: overload)")
     parser.add_argument("--levels", help="run only these levels, comma-separated (1, 100, saturation, burst, overload)")
+    parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the service, repeatable (PIN_WORKERS=1, LOG_LEVEL=info to keep its request log); the targets are for the defaults")
     args = parser.parse_args()
+    settings = dict(setting.split("=", 1) for setting in args.service_env if "=" in setting)
+    if len(settings) != len(args.service_env):
+        sys.exit("bench: --service-env takes NAME=VALUE")
     service_path = args.service.resolve()
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(PYTHON).parent))
     if args.profile and py_spy is None:
@@ -517,12 +523,14 @@ def main() -> None:
     began = time.monotonic()
     with servers_stopped_at_the_end(processes):
         upstream, upstream_port = start_upstream(processes)
-        service, service_port = start_service(processes, service_path, upstream_port)
+        service, service_port = start_service(processes, service_path, upstream_port, **settings)
         info = machine(service.pid)
         print(f"machine: {info['cpu']}, {info['cores']} cores, {info['python']} ({'' if info['python_pgo'] else 'no '}PGO build), Linux {info['kernel']}")
         print("packages: " + ", ".join(f"{name} {version}" for name, version in info["packages"].items()))
         print(f"service: {service_path} (pid {service.pid}); uvloop {'yes' if info['service_uses_uvloop'] else 'NO'}, "
               f"httptools {'yes' if info['service_uses_httptools'] else 'NO'}")
+        if settings:
+            print(f"service settings: {' '.join(f'{name}={value}' for name, value in settings.items())} (the targets are for the defaults)")
         print("the load client and the fake upstream share the cores with the service: see their columns below\n")
         idle_rss = 0
 
@@ -544,7 +552,7 @@ def main() -> None:
             print(f"  {describe(phase)} ...", end="", flush=True)
             to_service = phase.target == "service"
             if to_service:
-                service, service_port, idle_rss = fresh_service(processes, service_path, upstream_port, upstream.pid, service)
+                service, service_port, idle_rss = fresh_service(processes, service_path, upstream_port, upstream.pid, service, settings)
             pids = {"service": service.pid, "upstream": upstream.pid}
             if phase.target in ("peer", "plain"):
                 spec = phase.spec(peer_port, {**pids, "service": peer.pid}, peer_port)
@@ -610,7 +618,7 @@ def main() -> None:
         if busy > 0.2:
             print(f"WARNING: other processes used up to {busy:.2f} cores during a window: these figures are disturbed; run again on a quiet machine.")
         args.output.write_text(json.dumps(
-            {"machine": info, "service": str(service_path), "quick": args.quick, "idle_rss_kib": idle_rss,
+            {"machine": info, "service": str(service_path), "service_settings": settings, "quick": args.quick, "idle_rss_kib": idle_rss,
              "seconds": time.monotonic() - began, "targets": targets, "shape_floor_cpu_us_per_token": floor,
              "phases": [{"phase": asdict(p), "figures": f, "raw": r} for p, r, f in rows]},
             indent=2))
