@@ -1,8 +1,8 @@
 """Benchmark the service against talking to the upstream directly, on this machine, in one run.
 
-    python bench/run.py                                  # full run, about 1.5 minutes
-    python bench/run.py --quick                          # smoke run, about 20 s
-    python bench/run.py --levels overload                # only the overload level, about 30 s
+    python bench/run.py                                  # full run, about 3 minutes
+    python bench/run.py --quick                          # smoke run, about 1 minute
+    python bench/run.py --levels overload                # only the overload level, about 40 s
     python bench/run.py --service /tmp/copy/service.py   # measure a modified copy
     python bench/run.py --profile /tmp/service.svg       # also py-spy the service in the overload level
 
