@@ -502,7 +502,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=HERE / "results.json", help="where to write the results as JSON")
     parser.add_argument("--profile", type=Path, help="py-spy record the service during the overload phase into this file (.txt: collapsed stacks, else SVG)")
     parser.add_argument("--profile-level", default="overload", help="the level --profile records (default: overload)")
-    parser.add_argument("--levels", help="run only these levels, comma-separated (1, 100, saturation, burst, overload)")
+    parser.add_argument("--levels", help="run only these levels, comma-separated (1, 100, saturation, burst, 500, overload)")
     parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the service, repeatable (PIN_WORKERS=1, LOG_LEVEL=info to keep its request log); the targets are for the defaults")
     args = parser.parse_args()
