@@ -232,11 +232,12 @@ def start_service(
 
 def fresh_service(
     processes: Processes, service_path: Path, upstream_port: int, upstream_pid: int, previous: subprocess.Popen[bytes] | None,
-    settings: dict[str, str],
+    settings: dict[str, str], path: str,
 ) -> tuple[subprocess.Popen[bytes], int, int]:
-    """A service process of its own for the next phase, warmed up as every phase's is, and its idle
+    """A service process of its own for the next phase, warmed up on the phase's path, and its idle
     RSS. A phase measured in a process that an earlier phase grew would be charged for that growth
-    (RSS does not shrink) and would start with that phase's threads and pooled connections."""
+    (RSS does not shrink) and would start with that phase's threads and pooled connections; one
+    warmed up on another path would be charged for its own path's first use."""
     if previous is not None and previous.poll() is None:
         previous.send_signal(signal.SIGINT)
         try:
@@ -245,7 +246,7 @@ def fresh_service(
             previous.kill()
             previous.wait(timeout=5)
     service, port = start_service(processes, service_path, upstream_port, **settings)
-    warm_up(processes, port, {"service": service.pid, "upstream": upstream_pid}, streams=50)
+    warm_up(processes, port, {"service": service.pid, "upstream": upstream_pid}, path, streams=50)
     time.sleep(0.5)
     return service, port, rss_kib(service.pid)
 
@@ -552,7 +553,7 @@ def main() -> None:
             print(f"  {describe(phase)} ...", end="", flush=True)
             to_service = phase.target == "service"
             if to_service:
-                service, service_port, idle_rss = fresh_service(processes, service_path, upstream_port, upstream.pid, service, settings)
+                service, service_port, idle_rss = fresh_service(processes, service_path, upstream_port, upstream.pid, service, settings, phase.path)
             pids = {"service": service.pid, "upstream": upstream.pid}
             if phase.target in ("peer", "plain"):
                 spec = phase.spec(peer_port, {**pids, "service": peer.pid}, peer_port)
