@@ -15,13 +15,13 @@ alternate between the two, and every round is printed.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from client import cpu_seconds
 from run import HERE, PYTHON, Processes, healthz, free_port, servers_stopped_at_the_end, start_service, start_upstream
 
 BODY = b'{"model":"bench-1","max_tokens":1000,"stream":true,"messages":[{"role":"user","content":"hi"}]}'
@@ -39,11 +39,6 @@ async def bare_app(scope: dict, receive: object, send: object) -> None:  # type:
     status = 200 if scope["path"] == "/healthz" else 503
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})  # type: ignore[operator]
     await send({"type": "http.response.body", "body": b'{"error":{"type":"server_busy"}}'})  # type: ignore[operator]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ask(port: int) -> bytes:
