@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import shape  # bench/shape.py: the shape's own cost, the floor under the relay's
+from client import rss_kib  # bench/client.py: the load client's own reading of it
 from peer import PLAIN_SHAPE  # bench/peer.py: the shape with nothing around it
 
 HERE = Path(__file__).resolve().parent
@@ -132,12 +133,14 @@ class Processes:
         self.started.append(process)
         return process
 
-    def stop_all(self) -> None:
-        for process in reversed(self.started):
+    def stop_all(self, only: list[subprocess.Popen[bytes]] | None = None) -> None:
+        """Stop them all (or `only` these): SIGINT, then SIGKILL for any still running after 10 s."""
+        stopping = self.started if only is None else only
+        for process in reversed(stopping):
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)  # the service shuts down gracefully on it
         deadline = time.monotonic() + 10
-        for process in self.started:
+        for process in stopping:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -238,13 +241,8 @@ def fresh_service(
     RSS. A phase measured in a process that an earlier phase grew would be charged for that growth
     (RSS does not shrink) and would start with that phase's threads and pooled connections; one
     warmed up on another path would be charged for its own path's first use."""
-    if previous is not None and previous.poll() is None:
-        previous.send_signal(signal.SIGINT)
-        try:
-            previous.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            previous.kill()
-            previous.wait(timeout=5)
+    if previous is not None:
+        processes.stop_all(only=[previous])
     service, port = start_service(processes, service_path, upstream_port, **settings)
     warm_up(processes, port, {"service": service.pid, "upstream": upstream_pid}, path, streams=50)
     time.sleep(0.5)
@@ -281,13 +279,6 @@ def run_client(processes: Processes, spec: dict[str, Any], timeout: float) -> di
         fail(f"the load client failed (exit {client.returncode}):\n{(processes.logs / 'client.log').read_text(errors='replace')[-3000:]}")
     result: dict[str, Any] = json.loads(out)
     return result
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def machine(service_pid: int) -> dict[str, Any]:
