@@ -220,7 +220,12 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
         running.stop()
 
 
+def client_for(service: Service, headers: dict[str, str] = AUTH) -> httpx.Client:
+    """A client of `service`, with a client key unless told other `headers`."""
+    return httpx.Client(base_url=service.base_url, headers=headers, timeout=10)
+
+
 @pytest.fixture
 def client(service: Service) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         yield http

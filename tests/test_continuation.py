@@ -7,10 +7,9 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 
-import httpx
 import pytest
 
-from conftest import AUTH, Service, launch, upstream_env, wait_until
+from conftest import Service, client_for, launch, upstream_env, wait_until
 from sse import sse_events
 from upstream import FakeUpstream, Reply
 
@@ -49,7 +48,7 @@ def continuing_upstream(answer: str = ANSWER, limit: int = ROUND_CHARS, overlap:
 
 
 def chat_events(service: Service, body: dict[str, object]) -> list[tuple[str, dict]]:
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         with http.stream("POST", "/chat", json=body, headers={"Accept": "text/event-stream"}) as response:
             assert response.status_code == 200
             return [(name, json.loads(data)) for name, data in sse_events(response.iter_lines())]
@@ -93,7 +92,7 @@ def test_the_continuation_request_carries_the_answer_so_far(fake: FakeUpstream, 
 @pytest.mark.parametrize("accept", ["text/plain", "application/x-ndjson"])
 def test_every_framing_gets_one_seamless_text(fake: FakeUpstream, service: Service, accept: str) -> None:
     fake.default = continuing_upstream()
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         response = http.post("/chat", json={"message": "Why?", "max_continuations": 8}, headers={"Accept": accept})
     if accept == "text/plain":
         assert response.text == ANSWER
@@ -134,7 +133,7 @@ def test_continuation_is_off_unless_asked(fake: FakeUpstream, service: Service) 
 
 def test_v1_chat_completions_is_never_continued(fake: FakeUpstream, service: Service) -> None:
     fake.default = continuing_upstream()
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Why?"}], "stream": True})
     assert len(fake.requests) == 1
 
@@ -150,7 +149,7 @@ def continuing_service(upstream: FakeUpstream, tmp_path_factory: pytest.TempPath
 def test_a_disconnect_in_round_two_closes_round_two(fake: FakeUpstream, continuing_service: Service) -> None:
     hold = threading.Event()
     fake.expect(Reply(pieces=["The first round"], finish_reason="length"), Reply(pieces=[" goes on"], gates={0: hold}, hold_headers=True))
-    with httpx.Client(base_url=continuing_service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(continuing_service) as http:
         with http.stream("POST", "/chat", json={"message": "hi"}, headers={"Accept": "text/event-stream"}) as response:
             lines = (line for line in response.iter_lines() if not line.startswith("id: "))  # resume ids
             assert [next(lines), next(lines)] == ["retry: 1000", ""]
@@ -181,7 +180,7 @@ def test_a_continuation_refused_with_an_unusual_error_type_still_ends_with_that_
     """A 429 on round two carries the upstream's own error type ("requests"), which has no outcome
     of its own: the stream must still end with the error event, and the log line say "error"."""
     fake.expect(Reply(pieces=["The first round"], finish_reason="length"), Reply(status=429))
-    with httpx.Client(base_url=continuing_service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(continuing_service) as http:
         body = {"message": "hi", "max_continuations": 1}
         response = http.post("/chat", json=body, headers={"Accept": "text/event-stream", "X-Request-ID": "unusual-type-1"})
     events = [(name, json.loads(data)) for name, data in sse_events(response.text.split("\n"))]

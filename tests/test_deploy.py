@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import AUTH, GUNICORN, PYTHON_SERVICE, ROOT, UVICORN, Service, upstream_env, wait_until
+from conftest import AUTH, GUNICORN, PYTHON_SERVICE, ROOT, UVICORN, Service, client_for, upstream_env, wait_until
 from upstream import FakeUpstream
 
 
@@ -93,7 +93,7 @@ def test_two_workers_start_and_metrics_add_up(fake: FakeUpstream, start_service:
     command, env = TWO_WORKERS[launcher]
     service = start_service(upstream_env(fake, **env), command)
     wait_until(lambda: len(children(service.pid)) >= 2)  # uvicorn's supervisor and its two workers
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         for _ in range(12):
             # A new connection each time, so the kernel spreads them over the workers.
             assert httpx.post(f"{service.base_url}/chat", json={"message": "hi"}, headers=AUTH).text == "Hello, world!"

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import AUTH, KEY, Service, launch, upstream_env, wait_until
+from conftest import AUTH, KEY, Service, client_for, launch, upstream_env, wait_until
 from sse import sse_events, whole_sse_events
 from upstream import CREATED, STREAMS_DIR, FakeUpstream, Recorded, Reply, response_object, responses_event
 
@@ -241,7 +241,7 @@ def stream_through(service: Service, route: Route, gate: threading.Event | None 
             lines.append(line)
             yield line
 
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         with http.stream("POST", route.path, json=body or route.body, headers=route.headers) as response:
             if response.status_code != 200:
                 return Received(response.status_code, response.read().decode(), [])
@@ -349,7 +349,7 @@ def test_three_upstreams_each_asked_once_and_every_attempt_logged(
     primary.expect(Reply(status=500))
     secondary.expect(preamble_then_error(V1_RESPONSES))
     service = services["three"]
-    with httpx.Client(base_url=service.base_url, headers={**AUTH, "X-Request-ID": "three-upstreams"}, timeout=10) as http:
+    with client_for(service, headers={**AUTH, "X-Request-ID": "three-upstreams"}) as http:
         response = http.post("/v1/responses", json=V1_RESPONSES.body)
     assert_whole_answer(V1_RESPONSES, Received(200, response.text, whole_sse_events(response.text)), "tertiary-model")
     for fake in (primary, secondary, tertiary):
@@ -368,7 +368,7 @@ def test_the_last_upstreams_own_error_reaches_the_client_as_sent(
     primary.expect(Reply(status=500))
     secondary.expect(Reply(status=503))
     tertiary.expect(Reply(raw=last))
-    with httpx.Client(base_url=services["three"].base_url, headers=AUTH, timeout=10) as http:
+    with client_for(services["three"]) as http:
         response = http.post("/v1/responses", json=V1_RESPONSES.body)
     assert response.content == last  # the preamble held, then sent with the error: nothing else, nothing changed
     for fake in (primary, secondary, tertiary):
@@ -378,7 +378,7 @@ def test_the_last_upstreams_own_error_reaches_the_client_as_sent(
 def test_the_last_upstreams_refusal_is_its_own(primary: FakeUpstream, secondary: FakeUpstream, services: Services) -> None:
     primary.expect(Reply(status=500))
     secondary.expect(Reply(status=429, extra_headers={"Retry-After": "7"}))
-    with httpx.Client(base_url=services["two"].base_url, headers=AUTH, timeout=10) as http:
+    with client_for(services["two"]) as http:
         response = http.post("/v1/chat/completions", json=V1_CHAT.body)
     assert response.status_code == 429 and response.headers["retry-after"] == "7"
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
@@ -388,7 +388,7 @@ def test_the_last_upstreams_refusal_is_its_own(primary: FakeUpstream, secondary:
 
 def test_an_answer_that_is_not_streamed_falls_back_too(primary: FakeUpstream, secondary: FakeUpstream, services: Services) -> None:
     primary.expect(Reply(status=503))
-    with httpx.Client(base_url=services["two"].base_url, headers=AUTH, timeout=10) as http:
+    with client_for(services["two"]) as http:
         response = http.post("/v1/chat/completions", json={**V1_CHAT.body, "stream": False})
     assert response.status_code == 200 and response.json()["model"] == SECONDARY_MODEL
     assert response.json()["choices"][0]["message"]["content"] == WHOLE
@@ -405,7 +405,7 @@ def test_a_preamble_past_its_bound_is_sent_and_its_upstream_kept(
     """The held preamble has a bound (HELD_EVENTS): past it, it is sent on, and then nothing can switch."""
     error_held = gates()
     primary.expect(Reply(raw_chunks=[ROLE * 300, QUOTA_OBJECT], gates={1: error_held}))
-    with httpx.Client(base_url=services["two"].base_url, headers=AUTH, timeout=10) as http:
+    with client_for(services["two"]) as http:
         with http.stream("POST", "/v1/chat/completions", json=V1_CHAT.body) as response:
             chunks = response.iter_raw()
             received = next(chunks)  # the preamble, sent although nothing but preamble came
@@ -420,7 +420,7 @@ def test_a_failure_after_the_first_output_does_not_switch(primary: FakeUpstream,
     service = services["two"]
     sent = ROLE + chat_chunk({"content": "Alpha"}) + chat_chunk({"content": " beta"}) + QUOTA_OBJECT
     primary.expect(Reply(raw=sent))
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         assert http.post("/v1/chat/completions", json=V1_CHAT.body).content == sent + b"data: [DONE]\n\n"
         responses = responses_opening(through=4) + responses_deltas(4, ["Alpha"]) + nested_error(5)
         primary.expect(Reply(raw=responses))
@@ -440,7 +440,7 @@ def test_an_error_that_is_the_requests_own_is_not_retried_elsewhere(
     status: int, client_status: int, primary: FakeUpstream, secondary: FakeUpstream, services: Services
 ) -> None:
     primary.expect(Reply(status=status))
-    with httpx.Client(base_url=services["two"].base_url, headers=AUTH, timeout=10) as http:
+    with client_for(services["two"]) as http:
         response = http.post("/v1/chat/completions", json=V1_CHAT.body)
     assert response.status_code == client_status and set(response.json()["error"]) == {"message", "type", "param", "code"}
     one_request(primary)
@@ -467,7 +467,7 @@ def upstream_health(http: httpx.Client, name: str) -> dict:
 
 def test_the_breaker_opens_skips_the_upstream_and_closes_again(primary: FakeUpstream, secondary: FakeUpstream, services: Services) -> None:
     service = services["breaker"]
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         assert upstream_health(http, "primary")["state"] == "closed"
         primary.expect(Reply(status=500), Reply(status=500))
         for _ in range(2):
@@ -527,7 +527,7 @@ def test_a_client_that_leaves_during_a_switch_leaves_no_upstream_call_running(
     assert secondary.requests[0].closed.wait(5)
     assert secondary.requests[0].closed_at - left < 1.0  # type: ignore[operator]
     one_request(primary)
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         wait_until(lambda: http.get("/healthz").json()["active_streams"] == 0, timeout=5)
 
 
@@ -539,7 +539,7 @@ def test_heartbeats_and_max_streams_while_the_preamble_is_held(
     held = gates()
     primary.expect(Reply(raw_chunks=[ROLE, QUOTA_OBJECT], gates={1: held}))
     service = services["beats"]
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         with http.stream("POST", "/v1/chat/completions", json=V1_CHAT.body) as response:
             lines = response.iter_lines()
             pings = 0
@@ -559,7 +559,7 @@ def test_heartbeats_and_max_streams_while_the_preamble_is_held(
 
 def test_a_chat_answer_from_a_fallback_resumes(primary: FakeUpstream, secondary: FakeUpstream, services: Services) -> None:
     primary.expect(preamble_then_error(CHAT_SSE))
-    with httpx.Client(base_url=services["two"].base_url, headers=AUTH, timeout=10) as http:
+    with client_for(services["two"]) as http:
         response = http.post("/chat", json=CHAT_SSE.body, headers=CHAT_SSE.headers)
         assert_whole_answer(CHAT_SSE, Received(200, response.text, whole_sse_events(response.text)))
         again = http.get(f"/chat/streams/{response.headers['x-stream-id']}", params={"after": "0"}, headers=CHAT_SSE.headers)
@@ -571,7 +571,7 @@ def test_a_chat_answer_from_a_fallback_resumes(primary: FakeUpstream, secondary:
 def test_a_continuation_falls_back_too(primary: FakeUpstream, secondary: FakeUpstream, services: Services) -> None:
     primary.expect(Reply(pieces=["The first round"], finish_reason="length"), Reply(status=500))
     secondary.expect(Reply(pieces=[" goes on"]))
-    with httpx.Client(base_url=services["two"].base_url, headers=AUTH, timeout=10) as http:
+    with client_for(services["two"]) as http:
         lines = http.post("/chat", json={"message": "hi", "max_continuations": 1}, headers={"Accept": "application/x-ndjson"}).text.splitlines()
     events = [json.loads(line) for line in lines]
     assert "".join(event["text"] for event in events[:-1]) == "The first round goes on"
@@ -586,7 +586,7 @@ def test_a_shutdown_during_a_switch_ends_the_stream_and_the_call(
     service = start_service(upstream_env(primary, FALLBACK_BASE_URLS=secondary.base_url, SHUTDOWN_GRACE_SECONDS="0.2"))
     primary.expect(preamble_then_error(V1_CHAT))
     secondary.expect(Reply(hold_headers=True, gates={0: gates()}))
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         with http.stream("POST", "/v1/chat/completions", json=V1_CHAT.body) as response:
             secondary.wait_for_requests(1)
             service.process.send_signal(signal.SIGTERM)

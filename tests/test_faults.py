@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import AUTH, ROOT, Service, launch, upstream_env
+from conftest import ROOT, Service, client_for, launch, upstream_env
 from sse import whole_sse_events
 from upstream import CREATED, GARBAGE_EVENT, MID_STREAM_ERROR, STREAMS_DIR, FakeUpstream, Reply
 
@@ -292,7 +292,7 @@ class Services:
 
     def client(self, name: str) -> httpx.Client:
         if name not in self.clients:
-            self.clients[name] = httpx.Client(base_url=self[name].base_url, headers=AUTH, timeout=10)
+            self.clients[name] = client_for(self[name])
         return self.clients[name]
 
     def __getitem__(self, name: str) -> Service:

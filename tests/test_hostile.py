@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import AUTH, KEY, LAUNCHERS, UVICORN, Service, launch, upstream_env, wait_until
+from conftest import AUTH, KEY, LAUNCHERS, UVICORN, Service, client_for, launch, upstream_env, wait_until
 from upstream import FakeUpstream, Reply
 
 MAX_STREAMS = 2
@@ -132,7 +132,7 @@ def test_a_client_that_never_reads_is_dropped_and_its_slot_released(fake: FakeUp
     # SEND_TIMEOUT_SECONDS=1: each is dropped about a second after its window filled.
     assert all(recorded.closed.wait(10) for recorded in requests), "a stalled client still holds its upstream call"
     assert time.monotonic() - started < 10
-    with httpx.Client(base_url=guarded_by.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(guarded_by) as http:
         wait_until(lambda: http.get("/healthz").json()["active_streams"] == 0, timeout=5)
         fake.default = Reply()
         response = http.post("/chat", json={"message": "hi"})
@@ -321,7 +321,7 @@ def test_a_connection_during_a_multi_worker_shutdown_is_refused_at_once(fake: Fa
     service = start_service(upstream_env(fake, WEB_CONCURRENCY="2", SHUTDOWN_GRACE_SECONDS="3"))
     hold = threading.Event()
     fake.default = Reply(pieces=["first", " second"], gates={1: hold})
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         with http.stream("POST", "/chat", json={"message": "hi"}) as stream:
             text = stream.iter_text()  # kept: dropping it would close the stream
             assert next(text) == "first"  # an open stream keeps the workers shutting down
@@ -363,7 +363,7 @@ def test_an_upstream_5xx_is_retried_briefly_and_its_message_kept_from_the_client
         extra_headers={"Retry-After": "30"},  # far more than the retry budget: not waited for
     )
     started = time.monotonic()
-    with httpx.Client(base_url=guarded.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(guarded) as http:
         response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert time.monotonic() - started < 4
     assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_error"
@@ -377,7 +377,7 @@ def test_a_line_separator_in_the_answer_does_not_cut_a_line_for_iter_lines(fake:
     """httpx's and requests' iter_lines() split on what str.splitlines() does: U+2028, U+2029, U+0085."""
     pieces = ["one\u2028", "two\u2029", "three\x85", "four"]
     fake.expect(Reply(pieces=pieces))
-    with httpx.Client(base_url=service.base_url, headers={**AUTH, "Accept": accept}, timeout=10) as http:
+    with client_for(service, headers={**AUTH, "Accept": accept}) as http:
         with http.stream("POST", "/chat", json={"message": "hi"}) as response:
             lines = [line for line in response.iter_lines() if line.startswith(("{", "data:"))]
     payloads = [json.loads(line.removeprefix("data:")) for line in lines]

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import AUTH, Service, launch, upstream_env, wait_until
+from conftest import AUTH, Service, client_for, launch, upstream_env, wait_until
 from upstream import FakeUpstream, Reply
 
 DISCONNECT_BOUND = 0.1  # seconds from the client's close to the upstream's close
@@ -160,7 +160,7 @@ def test_a_full_service_answers_503_at_once(fake: FakeUpstream, start_service: C
     service = start_service(upstream_env(fake, MAX_STREAMS="3"))
     release = threading.Event()
     fake.default = Reply(pieces=["first", " second"], gates={1: release})
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         streams = [http.stream("POST", "/chat", json={"message": "hi"}) for _ in range(3)]
         texts = [stream.__enter__().iter_text() for stream in streams]  # kept: dropping one closes it
         assert [next(text) for text in texts] == ["first"] * 3
@@ -203,7 +203,7 @@ def test_sse_heartbeats_fill_every_silence(fake: FakeUpstream, heartbeat_service
     before_first, mid_answer = threading.Event(), threading.Event()
     fake.expect(Reply(pieces=["first", " second"], gates={0: before_first, 1: mid_answer}, role_chunk=False))
     path, body, headers = route
-    with httpx.Client(base_url=heartbeat_service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(heartbeat_service) as http:
         with http.stream("POST", path, json=body, headers=headers) as response:
             lines = response.iter_lines()
             seen: list[str] = []
@@ -234,7 +234,7 @@ def test_no_heartbeat_is_injected_into_text_or_ndjson(fake: FakeUpstream, heartb
     release = threading.Event()
     fake.expect(Reply(pieces=["first", " second"], gates={0: release}))
     threading.Timer(0.7, release.set).start()  # more than three heartbeat intervals of silence
-    with httpx.Client(base_url=heartbeat_service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(heartbeat_service) as http:
         response = http.post("/chat", json={"message": "hi"}, headers={"Accept": accept})
     if accept == "text/plain":
         assert response.text == "first second"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from conftest import AUTH, KEY, Service, launch, upstream_env, wait_until
+from conftest import AUTH, KEY, Service, client_for, launch, upstream_env, wait_until
 from upstream import FakeUpstream, Reply
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"  # as upstream_env sets it
@@ -39,7 +39,7 @@ def observed(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture
 def http(observed: Service) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=observed.base_url, headers=AUTH, timeout=10) as client:
+    with client_for(observed) as client:
         yield client
 
 
@@ -193,7 +193,7 @@ def test_no_secret_or_content_in_logs_or_metrics(fake: FakeUpstream, observed: S
 def test_log_content_writes_prompt_and_completion(fake: FakeUpstream, start_service: Callable[..., Service]) -> None:
     service = start_service(upstream_env(fake, LOG_CONTENT="1"))
     fake.expect(Reply(pieces=["penguin", " facts"]), Reply(pieces=["more", " facts"]))
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         http.post("/chat", json={"message": PROMPT}, headers={"X-Request-ID": "req-content-chat"})
         body = {"messages": [{"role": "user", "content": PROMPT}], "stream": True}
         http.post("/v1/chat/completions", json=body, headers={"X-Request-ID": "req-content-v1"})

@@ -25,7 +25,7 @@ from relay.admission import LIMIT_FLOOR, PROBE_SECONDS, ClientLeft, LoadShedder,
 from relay.observability import Metrics
 from relay.upstream import UpstreamCall
 
-from conftest import AUTH, Service, upstream_env, wait_until
+from conftest import AUTH, Service, client_for, upstream_env, wait_until
 from test_lifecycle import COMPLETIONS, open_raw_stream, read_until
 from upstream import FakeUpstream, Reply
 
@@ -60,7 +60,7 @@ def test_a_late_worker_refuses_new_streams_at_once_and_keeps_relaying(fake: Fake
     service = start_service(upstream_env(fake, SHED_LAG_MS=BOUND_MS))
     rest = threading.Event()
     admitted = open_held_streams(service, fake, rest)
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         assert http.get("/healthz").json()["shedding"] is False
 
         refused: dict[str, object] = {}
@@ -125,7 +125,7 @@ def test_a_late_worker_still_admits_without_a_bound_or_with_few_streams(fake: Fa
     answers: list[httpx.Response] = []
 
     def ask() -> None:
-        with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+        with client_for(service) as http:
             answers.append(http.post("/v1/chat/completions", json=COMPLETIONS[1]))
 
     asking = threading.Thread(target=ask)
@@ -213,7 +213,7 @@ def test_a_burst_on_an_idle_worker_is_queued_and_served(fake: FakeUpstream, star
         asking.join(timeout=60)
     assert [status for status, _, _ in answers] == [200] * 60
     assert all("whole" in text and "answer" in text for _, text, _ in answers)
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as http:
+    with client_for(service) as http:
         started, at_once = queue_waits(http)
         assert started == 60 and at_once < 60, (started, at_once)  # some waited their turn
         assert http.get("/healthz").json()["queued"] == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import AUTH, Service, holding, launch, start_redis, upstream_env, wait_until
+from conftest import Service, client_for, holding, launch, start_redis, upstream_env, wait_until
 from upstream import FakeUpstream, Reply
 
 SSE = {"Accept": "text/event-stream"}
@@ -107,10 +107,6 @@ def pair(request: pytest.FixtureRequest) -> tuple[Service, Service]:
     return (first, first) if request.param == "redis-same-replica" else (first, second)
 
 
-def client(service: Service, headers: dict[str, str] = AUTH) -> httpx.Client:
-    return httpx.Client(base_url=service.base_url, headers=headers, timeout=10)
-
-
 # -- resuming ---------------------------------------------------------------------------------
 
 
@@ -118,11 +114,11 @@ def test_a_cut_reader_resumes_with_last_event_id_and_gets_every_piece_once(
     fake: FakeUpstream, pair: tuple[Service, Service], held: threading.Event
 ) -> None:
     starter, resumer = pair
-    with client(starter) as http:
+    with client_for(starter) as http:
         stream_id, before = start_then_cut(http, 1)  # the second piece is sent, but not read
     assert [event.id for event in before] == [f"{stream_id}.1"]
     assert len(stream_id) >= 22  # at least 128 random bits, URL-safe
-    with client(resumer) as http:
+    with client_for(resumer) as http:
         # What EventSource sends when it reconnects: the same request, and the last id it saw.
         with http.stream("GET", "/chat", params={"q": "hi"}, headers={**SSE, "Last-Event-ID": before[-1].id}) as response:
             assert response.status_code == 200 and response.headers["x-stream-id"] == stream_id
@@ -151,7 +147,7 @@ def log_line(service: Service, request_id: str) -> dict:
 def test_an_answer_is_logged_and_counted_once_with_the_request_that_asked(
     fake: FakeUpstream, memory_service: Service, held: threading.Event
 ) -> None:
-    with client(memory_service) as http:
+    with client_for(memory_service) as http:
         with http.stream("POST", "/chat", json={"message": "hi"}, headers={**SSE, "X-Request-ID": "asked-1"}) as response:
             first = next(sse(response.iter_lines()))
         held.set()
@@ -167,7 +163,7 @@ def test_an_answer_is_logged_and_counted_once_with_the_request_that_asked(
 @pytest.mark.parametrize("accept", ["application/x-ndjson", "text/plain", "text/event-stream"])
 def test_streams_route_frames_a_resumed_answer_like_a_fresh_one(fake: FakeUpstream, memory_service: Service, accept: str) -> None:
     fake.expect(Reply(pieces=PIECES), Reply(pieces=PIECES))
-    with client(memory_service) as http:
+    with client_for(memory_service) as http:
         fresh = http.post("/chat", json={"message": "hi"}, headers={"Accept": accept})
         stream_id = fresh.headers["x-stream-id"]
         whole = http.get(f"/chat/streams/{stream_id}", params={"after": 0}, headers={"Accept": accept})
@@ -187,7 +183,7 @@ def test_an_ended_answer_resumes_from_every_piece_whatever_its_characters(fake: 
     # An ended answer is kept as one string and where each piece starts in it.
     pieces = ["é", "日本", "😀x", " ", "a\u0301", "\u2028", "ok"]
     fake.expect(Reply(pieces=pieces))
-    with client(memory_service) as http:
+    with client_for(memory_service) as http:
         stream_id = http.post("/chat", json={"message": "hi"}).headers["x-stream-id"]
         for after in range(len(pieces) + 1):
             rest = http.get(f"/chat/streams/{stream_id}", params={"after": after}, headers=NDJSON).text.splitlines()
@@ -202,12 +198,12 @@ def test_a_resume_after_the_last_event_is_told_there_is_nothing_more(fake: FakeU
         starter = resumer = request.getfixturevalue("memory_service")
     else:
         starter, resumer = request.getfixturevalue("replicas")
-    with client(starter) as http:
+    with client_for(starter) as http:
         done = http.post("/chat", json={"message": "hi"}, headers=SSE)
     last = list(sse(done.text.split("\n")))[-1]
     assert last.name == "done"
     stream_id, seq = last.id.rsplit(".", 1)
-    with client(resumer) as http:
+    with client_for(resumer) as http:
         started = time.monotonic()
         # EventSource reconnects after every end of a response, `done` included; 204 makes it stop.
         reconnect = http.get("/chat", params={"q": "hi"}, headers={**SSE, "Last-Event-ID": last.id})
@@ -220,7 +216,7 @@ def test_a_resume_after_the_last_event_is_told_there_is_nothing_more(fake: FakeU
 
 
 def test_a_resume_after_the_end_gets_the_rest_and_after_the_ttl_nothing(fake: FakeUpstream, memory_service: Service) -> None:
-    with client(memory_service) as http:
+    with client_for(memory_service) as http:
         done = http.post("/chat", json={"message": "hi"}, headers=SSE)
         events = list(sse(done.text.split("\n")))
         last_delta = events[-2].id
@@ -239,15 +235,15 @@ def test_a_resume_after_the_end_gets_the_rest_and_after_the_ttl_nothing(fake: Fa
 
 
 def test_another_key_cannot_resume_or_stop_an_answer(fake: FakeUpstream, memory_service: Service, held: threading.Event) -> None:
-    with client(memory_service) as http:
+    with client_for(memory_service) as http:
         stream_id, before = start_then_cut(http, 1)
-    with client(memory_service, OTHER_KEY) as other:
+    with client_for(memory_service, OTHER_KEY) as other:
         assert other.get("/chat", params={"q": "hi"}, headers={**SSE, "Last-Event-ID": before[-1].id}).status_code == 204
         response = other.post("/chat", json={"message": "hi"}, headers={**NDJSON, "Last-Event-ID": before[-1].id})
         assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
         assert other.get(f"/chat/streams/{stream_id}", params={"after": 0}).status_code == 404
         assert other.delete(f"/chat/streams/{stream_id}").status_code == 404
-    with client(memory_service) as http:
+    with client_for(memory_service) as http:
         held.set()
         resumed = http.get(f"/chat/streams/{stream_id}", params={"after": 1}, headers=NDJSON)
     assert json.loads(resumed.text.splitlines()[-1])["type"] == "done"  # the owner's answer went on
@@ -260,7 +256,7 @@ def test_another_key_cannot_resume_or_stop_an_answer(fake: FakeUpstream, memory_
 def test_a_request_with_an_unknown_last_event_id_never_starts_an_answer(
     fake: FakeUpstream, memory_service: Service, last_event_id: str
 ) -> None:
-    with client(memory_service) as http:
+    with client_for(memory_service) as http:
         assert http.get("/chat", params={"q": "hi"}, headers={**SSE, "Last-Event-ID": last_event_id}).status_code == 204
         response = http.post("/chat", json={"message": "hi"}, headers={"Last-Event-ID": last_event_id})
         assert response.status_code == 404 and response.json()["error"]["code"] == "stream_not_found"
@@ -268,7 +264,7 @@ def test_a_request_with_an_unknown_last_event_id_never_starts_an_answer(
 
 
 def test_bad_after_is_a_clear_error(memory_service: Service) -> None:
-    with client(memory_service) as http:
+    with client_for(memory_service) as http:
         response = http.get("/chat/streams/AAAAAAAAAAAAAAAAAAAAAAAA", params={"after": "-1"})
         assert response.status_code == 400 and response.json()["error"]["param"] == "after"
         assert http.get("/chat/streams/AAAAAAAAAAAAAAAAAAAAAAAA", params={"from": "1"}).status_code == 400
@@ -281,7 +277,7 @@ def test_bad_after_is_a_clear_error(memory_service: Service) -> None:
 def test_nobody_coming_back_stops_the_model_after_the_grace_window(
     fake: FakeUpstream, memory_service: Service, held: threading.Event
 ) -> None:
-    with client(memory_service) as http:
+    with client_for(memory_service) as http:
         stream_id, before = start_then_cut(http, 1)
         left_at = time.monotonic()
         recorded = fake.requests[-1]
@@ -298,12 +294,12 @@ def test_nobody_coming_back_stops_the_model_after_the_grace_window(
 def test_delete_stops_the_answer_at_once_and_ends_every_reader(
     fake: FakeUpstream, memory_service: Service, held: threading.Event
 ) -> None:
-    with client(memory_service) as http:
+    with client_for(memory_service) as http:
         with http.stream("POST", "/chat", json={"message": "hi"}, headers=SSE) as response:
             stream_id = response.headers["x-stream-id"]
             events = sse(response.iter_lines())
             assert next(events).data == {"text": "One"}
-            with client(memory_service) as second:  # another reader of the same answer
+            with client_for(memory_service) as second:  # another reader of the same answer
                 with second.stream("GET", f"/chat/streams/{stream_id}", headers=NDJSON) as other:
                     other_lines = other.iter_lines()
                     assert json.loads(next(other_lines)) == {"type": "delta", "text": "One"}
@@ -325,7 +321,7 @@ def test_delete_on_another_replica_stops_the_producer(
     fake: FakeUpstream, replicas: tuple[Service, Service], held: threading.Event
 ) -> None:
     producer, other = replicas
-    with client(producer) as http, client(other) as elsewhere:
+    with client_for(producer) as http, client_for(other) as elsewhere:
         with http.stream("POST", "/chat", json={"message": "hi"}, headers=NDJSON) as response:
             stream_id = response.headers["x-stream-id"]
             lines = response.iter_lines()
@@ -341,9 +337,9 @@ def test_a_killed_producer_ends_its_readers_within_the_lease(
 ) -> None:
     producer = start_service(redis_env(fake, redis_url))
     _, resumer = replicas
-    with client(producer) as http:
+    with client_for(producer) as http:
         stream_id, before = start_then_cut(http, 2)
-    with client(resumer) as http:
+    with client_for(resumer) as http:
         with http.stream("GET", f"/chat/streams/{stream_id}", params={"after": 1}, headers=NDJSON) as response:
             lines = response.iter_lines()
             assert json.loads(next(lines)) == {"type": "delta", "text": " two"}
@@ -362,7 +358,7 @@ def test_redis_failing_mid_answer_ends_the_answer_with_an_error(
     redis, url = start_redis(tmp_path)
     try:
         service = start_service(redis_env(fake, url, RESUME_TTL_SECONDS="1"))
-        with client(service) as http:
+        with client_for(service) as http:
             with http.stream("POST", "/chat", json={"message": "hi"}, headers=NDJSON) as response:
                 lines = response.iter_lines()
                 assert json.loads(next(lines))["text"] == "One"
@@ -396,7 +392,7 @@ def test_memory_stays_within_its_bounds_under_many_answers(fake: FakeUpstream, s
     pieces = [f" {n:02d}" + "x" * 46 for n in range(20)]  # about 5 kB an answer as the store counts it
     fake.default = Reply(pieces=pieces)
     ids = []
-    with client(service) as http:
+    with client_for(service) as http:
         for _ in range(30):
             response = http.post("/chat", json={"message": "hi"})
             assert response.text == "".join(pieces)
@@ -433,7 +429,7 @@ def test_sigterm_ends_answers_waiting_for_a_reader_at_once(fake: FakeUpstream, s
     """An answer in its grace window has no response open, so uvicorn does not wait for it: the
     shutdown stops it (the model with it) instead of leaving it to the end of the window."""
     service = start_service(upstream_env(fake, RESUME_GRACE_SECONDS="30", SHUTDOWN_GRACE_SECONDS="1"))
-    with client(service) as http:
+    with client_for(service) as http:
         start_then_cut(http, 1)
     signalled = time.monotonic()
     service.process.send_signal(signal.SIGTERM)
@@ -451,7 +447,7 @@ def test_a_slow_model_is_not_taken_for_a_late_service(fake: FakeUpstream, start_
     done = threading.Event()
 
     def watch() -> None:  # /healthz every few ms, until the answer is over (at most 10 s)
-        with client(service) as http:
+        with client_for(service) as http:
             for _ in range(2000):
                 if done.wait(0.005):
                     return
@@ -460,7 +456,7 @@ def test_a_slow_model_is_not_taken_for_a_late_service(fake: FakeUpstream, start_
     watcher = threading.Thread(target=watch)
     with holding(fake, ["after", " a pause"], 0) as first_token:
         watcher.start()
-        with client(service) as http:
+        with client_for(service) as http:
             threading.Timer(2.0, first_token.set).start()  # the role chunk comes at once
             assert http.post("/chat", json={"message": "hi"}).text == "after a pause"
             time.sleep(0.3)  # the shedder would have said so within this

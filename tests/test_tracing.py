@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import AUTH, KEY, Service, holding, launch, upstream_env, wait_until
+from conftest import AUTH, KEY, Service, client_for, holding, launch, upstream_env, wait_until
 from otlp import OtlpReceiver, Point, Span
 from relay.config import ConfigError, load_settings
 from upstream import FakeUpstream, Reply
@@ -76,7 +76,7 @@ def traced(upstream: FakeUpstream, receiver: OtlpReceiver, tmp_path_factory: pyt
 
 @pytest.fixture
 def http(traced: Service) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=traced.base_url, headers=AUTH, timeout=10) as client:
+    with client_for(traced) as client:
         yield client
 
 
@@ -208,7 +208,7 @@ def test_a_request_without_streaming_is_one_span_too(fake: FakeUpstream, receive
 def test_a_resumed_answer_links_to_the_request_that_started_it(fake: FakeUpstream, receiver: OtlpReceiver, traced: Service) -> None:
     asking, resuming = Caller(), Caller()
     pieces = ["one", " two", " three", " four"]
-    with holding(fake, pieces, 2) as gate, httpx.Client(base_url=traced.base_url, headers=AUTH, timeout=10) as client:
+    with holding(fake, pieces, 2) as gate, client_for(traced) as client:
         with client.stream("POST", "/chat", json={"message": "count"}, headers={"Accept": "text/event-stream", **asking.headers}) as first:
             stream_id = first.headers["x-stream-id"]
             seen = 0
@@ -294,7 +294,7 @@ def test_each_fallback_upstream_is_its_own_span(
     fallback = FakeUpstream().start()
     try:
         service = start_service(upstream_env(fake, **otel_env(receiver), FALLBACK_BASE_URLS=fallback.base_url))
-        with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as client:
+        with client_for(service) as client:
             # The primary refuses; then it starts a stream and fails before any output.
             for primary_reply, failure in ((Reply(status=500), "500"), (Reply(pieces=["never"], error_after=0), "upstream_error")):
                 caller = Caller()
@@ -374,7 +374,7 @@ def test_a_stream_cut_by_a_shutdown_ends_its_spans_and_they_are_flushed(
 ) -> None:
     service = start_service(upstream_env(fake, **otel_env(receiver, OTEL_BSP_SCHEDULE_DELAY="60000"), SHUTDOWN_GRACE_SECONDS="0.5"))
     caller = Caller()
-    with holding(fake, ["one", " two"], 1), httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as client:
+    with holding(fake, ["one", " two"], 1), client_for(service) as client:
         with client.stream("POST", "/v1/chat/completions", json=stream_body("m-shutdown"), headers=caller.headers) as response:
             lines = response.iter_lines()
             next(lines)
@@ -456,7 +456,7 @@ def test_a_collector_that_never_answers_delays_no_stream_and_bounds_memory(
     env = otel_env(dead, OTEL_BSP_SCHEDULE_DELAY="20", OTEL_BSP_MAX_QUEUE_SIZE=str(queue), OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4",
                    OTEL_METRIC_EXPORT_INTERVAL="100", OTEL_EXPORTER_OTLP_TIMEOUT="60")
     service = start_service(upstream_env(fake, **env, SHUTDOWN_GRACE_SECONDS="1"))
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as client:
+    with client_for(service) as client:
         assert client.post("/v1/chat/completions", json=stream_body("m-dead")).status_code == 200
         dead.wait(lambda: dead.held >= 1, what="an export to hold")  # the exporter is stuck in it from now on
 
@@ -488,7 +488,7 @@ def test_a_collector_that_answers_errors_costs_the_streams_nothing(
 ) -> None:
     failing = collectors(status=500)
     service = start_service(upstream_env(fake, **otel_env(failing)))
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as client:
+    with client_for(service) as client:
         for _ in range(3):
             response = client.post("/v1/chat/completions", json=stream_body("m-failing"))
             assert response.status_code == 200 and "data: [DONE]" in response.text
@@ -502,7 +502,7 @@ def test_a_collector_that_answers_errors_costs_the_streams_nothing(
 
 def test_off_by_default_nothing_of_it_is_loaded_or_sent(fake: FakeUpstream, service: Service, traced: Service) -> None:
     caller = Caller()
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as client:
+    with client_for(service) as client:
         assert client.post("/v1/chat/completions", json=stream_body("m-off"), headers=caller.headers).status_code == 200
         assert "relay_telemetry" not in client.get("/metrics").text
     assert "traceparent" not in fake.requests[-1].headers  # nothing continued the caller's trace
@@ -513,7 +513,7 @@ def test_off_by_default_nothing_of_it_is_loaded_or_sent(fake: FakeUpstream, serv
 def test_otel_sdk_disabled_turns_it_off(fake: FakeUpstream, collectors: Callable[..., OtlpReceiver], start_service: Callable[..., Service]) -> None:
     receiver = collectors()
     service = start_service(upstream_env(fake, **otel_env(receiver, OTEL_SDK_DISABLED="true")))
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as client:
+    with client_for(service) as client:
         assert client.post("/v1/chat/completions", json=stream_body("m-disabled"), headers=Caller().headers).status_code == 200
     assert "traceparent" not in fake.requests[-1].headers
     time.sleep(0.5)  # ten schedule delays and two metric intervals: nothing was sent in them
@@ -525,7 +525,7 @@ def test_metrics_alone_time_the_calls_and_trace_nothing(
 ) -> None:
     receiver = collectors()
     service = start_service(upstream_env(fake, **otel_env(receiver, OTEL_TRACES_EXPORTER="none")))
-    with httpx.Client(base_url=service.base_url, headers=AUTH, timeout=10) as client:
+    with client_for(service) as client:
         assert client.post("/v1/chat/completions", json=stream_body("m-metrics-only"), headers=Caller().headers).status_code == 200
     assert point(receiver, "gen_ai.client.token.usage", **{"gen_ai.request.model": "m-metrics-only", "gen_ai.token.type": "output"}).sum == 4
     assert point(receiver, "gen_ai.client.operation.time_to_first_chunk", **{"gen_ai.request.model": "m-metrics-only"}).count == 1
