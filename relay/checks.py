@@ -4,6 +4,7 @@ the field."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -56,6 +57,12 @@ def presented_key_digest(request: Request) -> bytes:
     return digest
 
 
+@functools.lru_cache(maxsize=8)
+def key_digests(keys: tuple[str, ...]) -> tuple[bytes, ...]:
+    """The SHA-256 of each of `keys` (API_KEYS, METRICS_KEY), worked out once, not per request."""
+    return tuple(hashlib.sha256(key.encode()).digest() for key in keys)
+
+
 def require_key(request: Request, keys: tuple[str, ...], message: str) -> None:
     """Refuse the request unless it sends one of `keys` as a bearer token."""
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
@@ -64,8 +71,8 @@ def require_key(request: Request, keys: tuple[str, ...], message: str) -> None:
     # about which key, or how much of one, matched.
     digest = presented_key_digest(request)
     matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest())
+    for known in key_digests(keys):
+        matched |= hmac.compare_digest(digest, known)
     if scheme.lower() != "bearer" or not presented or not matched:
         raise ServiceError(401, message, "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 

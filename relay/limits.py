@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -50,7 +49,7 @@ from redis.commands.core import AsyncScript
 from starlette.requests import Request
 
 from relay.admission import retry_hint
-from relay.checks import presented_key_digest
+from relay.checks import key_digests, presented_key_digest
 from relay.config import Settings
 from relay.errors import ServiceError
 from relay.framing import in_chat_names
@@ -90,8 +89,7 @@ def key_policies(settings: Settings) -> dict[bytes, KeyPolicy]:
     """The limits of each key of API_KEYS that has any, by the SHA-256 of the key."""
     overrides = {override.sha256: override for override in settings.key_overrides}
     policies = {}
-    for key in settings.api_keys:
-        digest = hashlib.sha256(key.encode()).digest()
+    for digest in key_digests(settings.api_keys):
         override = overrides.get(digest.hex())
 
         def value(name: str, default: int) -> int:
