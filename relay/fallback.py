@@ -157,13 +157,13 @@ class Upstream:
 class Upstreams:
     """Every upstream of the app, in the order they are asked, with their breakers and metrics."""
 
-    def __init__(self, settings: Settings, primary: UpstreamClient, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, primary_base_url: str | None, metrics: Metrics) -> None:
         self.settings = settings
         several = bool(settings.fallback_base_urls)
         # With one upstream there is nothing to skip to: its breaker never opens.
         failures = settings.breaker_failures if several else 0
         breakers = [Breaker(failures, settings.breaker_window_seconds, settings.breaker_cooldown_seconds) for _ in range(1 + len(settings.fallback_base_urls))]
-        self.all = [Upstream("primary", primary, (), breakers[0])]
+        self.all = [Upstream("primary", make_openai_client(settings, primary_base_url), (), breakers[0])]
         for number, (url, key, models) in enumerate(zip(settings.fallback_base_urls, settings.fallback_api_keys, settings.fallback_models), 1):
             self.all.append(Upstream(f"fallback-{number}", make_openai_client(settings, url, key), models, breakers[number]))
         self.several = several
@@ -215,7 +215,7 @@ class Upstreams:
         self.fallbacks.labels(upstream.name).inc()
 
     def close(self) -> None:
-        for upstream in self.all[1:]:  # the primary's client is the runtime's
+        for upstream in self.all:
             upstream.client.close()
 
 

@@ -31,7 +31,7 @@ from relay.observability import Metrics, requests_log
 from relay.placement import placement
 from relay.replay import ReplayStore, make_replay_store
 from relay.tracing import Telemetry
-from relay.upstream import UpstreamClient, make_openai_client
+from relay.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ class Runtime:
 
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    client: UpstreamClient | None = None
-    upstreams: Upstreams | None = None  # the client above first, then the fallbacks
+    upstreams: Upstreams | None = None  # the primary first, then the fallbacks
     streams: anyio.CapacityLimiter | None = None
     shedder: LoadShedder | None = None
     starts: StartQueue | None = None
@@ -85,6 +84,11 @@ class Runtime:
     telemetry: Telemetry | None = None  # OpenTelemetry, when OTEL_* turn it on (relay.tracing)
     producers: dict[str, Stoppable] = field(default_factory=dict)  # the answers this process reads from the upstream
     producing: anyio.abc.TaskGroup | None = None  # where they run: they outlive the request that started them
+
+    @property
+    def client(self) -> UpstreamClient | None:
+        """The primary upstream's client, for the routes that do not fall back."""
+        return None if self.upstreams is None else self.upstreams.all[0].client
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -110,8 +114,7 @@ class Runtime:
         if settings.demo:
             self.demo = DemoModel(settings.demo_seconds_per_word).start()
             log.warning("No OPENAI_API_KEY or OPENAI_BASE_URL: answering from the built-in DEMO model (not a real model).")
-        self.client = make_openai_client(settings, self.demo.base_url if self.demo else settings.openai_base_url)
-        self.upstreams = Upstreams(settings, self.client, self.metrics)
+        self.upstreams = Upstreams(settings, self.demo.base_url if self.demo else settings.openai_base_url, self.metrics)
         self.replay = make_replay_store(settings)
         limits = self.limits = make_key_limits(settings, self.metrics)
         # Everything built so far lives as long as the process: the cyclic collector need not walk
@@ -140,7 +143,6 @@ class Runtime:
                 await self.telemetry.stop()  # every stream has ended: their spans are queued
             await limits.close()  # settles what is still open
             await self.replay.close()
-            self.client.close()
             self.upstreams.close()
             if self.demo is not None:
                 self.demo.stop()
