@@ -31,6 +31,15 @@ class KeyOverride:
     tokens_per_minute: int | None = None
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """One upstream of FALLBACK_BASE_URLS, with its entries of FALLBACK_API_KEYS and FALLBACK_MODELS."""
+
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    models: tuple[tuple[str, str], ...] = ()  # (requested model or "*", model used), first match wins
+
+
 KEY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY_LIMITS = ("max_streams", "requests_per_minute", "tokens_per_minute")
 
@@ -136,9 +145,7 @@ class Settings:
     key_reserve_tokens: int = 1000  # output tokens reserved for a request that sets no output limit
     key_lease_seconds: float = 10.0
     key_overrides: tuple[KeyOverride, ...] = ()
-    fallback_base_urls: tuple[str, ...] = ()
-    fallback_api_keys: tuple[str | None, ...] = field(default=(), repr=False)
-    fallback_models: tuple[tuple[tuple[str, str], ...], ...] = ()  # per fallback: (requested model or "*", model used)
+    fallbacks: tuple[Fallback, ...] = ()
     fallback_first_output_seconds: float = 0.0
     breaker_failures: int = 5
     breaker_window_seconds: float = 30.0
@@ -235,7 +242,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         breaker_failures=number("BREAKER_FAILURES", 5, 0, 1000, int),
         breaker_window_seconds=number("BREAKER_WINDOW_SECONDS", 30.0, 0.01, 86400),
         breaker_cooldown_seconds=number("BREAKER_COOLDOWN_SECONDS", 30.0, 0.01, 86400),
-        **fallback_upstreams(environ, text("OPENAI_API_KEY")),
+        fallbacks=fallbacks(environ, text("OPENAI_API_KEY")),
         otel=otel_settings(environ),
     )
     limited = [name for name in ("KEY_MAX_STREAMS", "KEY_REQUESTS_PER_MINUTE", "KEY_TOKENS_PER_MINUTE", "KEY_LIMITS_FILE") if text(name) not in (None, "0")]
@@ -243,7 +250,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         raise ConfigError(f"{limited[0]} is set, but API_KEYS is empty: the limits are per client key, and there is none.")
     if settings.resume_total_bytes < settings.resume_answer_bytes:
         raise ConfigError("RESUME_MAX_BYTES must be at least RESUME_MAX_ANSWER_BYTES: the store must hold one whole answer.")
-    if settings.fallback_base_urls and settings.demo:
+    if settings.fallbacks and settings.demo:
         raise ConfigError("FALLBACK_BASE_URLS needs OPENAI_BASE_URL or OPENAI_API_KEY: the built-in demo model has no fallbacks.")
     if not settings.demo and not settings.api_keys and not settings.allow_anonymous:
         raise ConfigError(
@@ -255,8 +262,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     return settings
 
 
-def fallback_upstreams(environ: Mapping[str, str], openai_api_key: str | None) -> dict[str, Any]:
-    """FALLBACK_BASE_URLS, FALLBACK_API_KEYS and FALLBACK_MODELS, as Settings fields; see docs/fallbacks.md.
+def fallbacks(environ: Mapping[str, str], openai_api_key: str | None) -> tuple[Fallback, ...]:
+    """FALLBACK_BASE_URLS, FALLBACK_API_KEYS and FALLBACK_MODELS, one Fallback per URL; see docs/fallbacks.md.
 
     No message quotes a key: a start-up error is logged, and may be read by more people than the key."""
 
@@ -273,12 +280,15 @@ def fallback_upstreams(environ: Mapping[str, str], openai_api_key: str | None) -
         raise ConfigError(f"FALLBACK_API_KEYS has {len(keys)} entries for {len(urls)} FALLBACK_BASE_URLS; give one per URL, in the same order.")
     if len(models) > len(urls):
         raise ConfigError(f"FALLBACK_MODELS has {len(models)} entries for {len(urls)} FALLBACK_BASE_URLS; give one per URL, in the same order.")
-    return {
-        "fallback_base_urls": tuple(urls),
-        # An empty or missing entry: the fallback takes OPENAI_API_KEY (the same account, another deployment).
-        "fallback_api_keys": tuple((keys[n] if n < len(keys) and keys[n] else openai_api_key) for n in range(len(urls))),
-        "fallback_models": tuple(model_rules(models[n] if n < len(models) else "") for n in range(len(urls))),
-    }
+    return tuple(
+        Fallback(
+            url,
+            # An empty or missing entry: the fallback takes OPENAI_API_KEY (the same account, another deployment).
+            keys[n] if n < len(keys) and keys[n] else openai_api_key,
+            model_rules(models[n] if n < len(models) else ""),
+        )
+        for n, url in enumerate(urls)
+    )
 
 
 def model_rules(entry: str) -> tuple[tuple[str, str], ...]:

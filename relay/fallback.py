@@ -159,13 +159,14 @@ class Upstreams:
 
     def __init__(self, settings: Settings, primary_base_url: str | None, metrics: Metrics) -> None:
         self.settings = settings
-        several = bool(settings.fallback_base_urls)
+        several = bool(settings.fallbacks)
         # With one upstream there is nothing to skip to: its breaker never opens.
         failures = settings.breaker_failures if several else 0
-        breakers = [Breaker(failures, settings.breaker_window_seconds, settings.breaker_cooldown_seconds) for _ in range(1 + len(settings.fallback_base_urls))]
+        breakers = [Breaker(failures, settings.breaker_window_seconds, settings.breaker_cooldown_seconds) for _ in range(1 + len(settings.fallbacks))]
         self.all = [Upstream("primary", make_openai_client(settings, primary_base_url), (), breakers[0])]
-        for number, (url, key, models) in enumerate(zip(settings.fallback_base_urls, settings.fallback_api_keys, settings.fallback_models), 1):
-            self.all.append(Upstream(f"fallback-{number}", make_openai_client(settings, url, key), models, breakers[number]))
+        for number, fallback in enumerate(settings.fallbacks, 1):
+            client = make_openai_client(settings, fallback.base_url, fallback.api_key)
+            self.all.append(Upstream(f"fallback-{number}", client, fallback.models, breakers[number]))
         self.several = several
         registry = metrics.registry
         self.failures = prometheus_client.Counter(
