@@ -52,9 +52,9 @@ class SSEDecoder:
             if event.startswith(b"data: ") and b"\n" not in event:
                 payloads.append(event[6:])  # the common case, without splitting lines
                 continue
-            lines = [line[5:] for line in event.split(b"\n") if line.startswith(b"data:")]
+            lines = data_lines(event)
             if lines:
-                payloads.append(b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines))
+                payloads.append(b"\n".join(lines))
         return payloads
 
 
@@ -130,9 +130,14 @@ class UpstreamReported(StreamFailure):
         self.chunk = chunk
 
 
+def data_lines(event: bytes) -> list[bytes]:
+    """The values of one whole event's `data:` lines, as SSE readers take them."""
+    return [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+
+
 def event_data(event: bytes) -> bytes:
     """The data of one whole event (its `data:` lines joined), as SSE readers take it."""
-    return b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+    return b"\n".join(data_lines(event))
 
 
 def parse_chunk(payload: bytes) -> dict[str, Any]:
