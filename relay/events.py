@@ -130,6 +130,12 @@ class UpstreamReported(StreamFailure):
         self.chunk = chunk
 
 
+def carries_usage(payload: bytes) -> bool:
+    """Whether a chat completion chunk may carry a usage object (`"usage": null` does not), told
+    without parsing it."""
+    return b'"usage":{' in payload or b'"usage": {' in payload
+
+
 def data_lines(event: bytes) -> list[bytes]:
     """The values of one whole event's `data:` lines, as SSE readers take them."""
     return [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.errors import StreamFailure
-from relay.events import DONE, UpstreamReported, event_data, parse_chunk
+from relay.events import DONE, UpstreamReported, carries_usage, event_data, parse_chunk
 from relay.transcript import Transcript
 
 
@@ -76,7 +76,7 @@ class OpenAIFraming(PassThroughFraming):
             try:
                 if b'"error"' in payload or not (payload.startswith(b"{") and payload.rstrip().endswith(b"}")):
                     parse_chunk(payload)
-                if b'"usage":{' in payload or b'"usage": {' in payload:
+                if carries_usage(payload):
                     self.usage = parse_chunk(payload).get("usage")
             except StreamFailure as failure:
                 self.failure = failure

@@ -39,8 +39,8 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.config import Settings
-from relay.events import DONE, event_data
-from relay.framing import RESPONSE_ENDINGS
+from relay.events import DONE, carries_usage, event_data
+from relay.framing import RESPONSE_ENDINGS, in_chat_names
 from relay.observability import Exchange, Metrics, loggable_path, stream_digest
 from relay.upstream import ClientGone, UpstreamCall
 
@@ -448,7 +448,7 @@ class CallTrace:
                         self.read_event(payload)
                     continue
                 count += 1
-                if (first or self.texts is not None or b'"usage":{' in payload or b'"usage": {' in payload
+                if (first or self.texts is not None or carries_usage(payload)
                         or b'"finish_reason":"' in payload or b'"finish_reason": "' in payload):
                     self.read_chunk(payload)
             if count:
@@ -492,9 +492,10 @@ class CallTrace:
             self.response_model = answer["model"][:MAX_MODEL_CHARS]
         usage = answer.get("usage")
         if isinstance(usage, dict):
-            names = ("input_tokens", "output_tokens") if responses else ("prompt_tokens", "completion_tokens")
-            self.input_tokens = usage.get(names[0]) if isinstance(usage.get(names[0]), int) else self.input_tokens
-            self.output_tokens = usage.get(names[1]) if isinstance(usage.get(names[1]), int) else self.output_tokens
+            if responses:
+                usage = in_chat_names(usage)
+            self.input_tokens = usage["prompt_tokens"] if isinstance(usage.get("prompt_tokens"), int) else self.input_tokens
+            self.output_tokens = usage["completion_tokens"] if isinstance(usage.get("completion_tokens"), int) else self.output_tokens
         if responses:
             status = answer.get("status")
             if status in ("completed", "incomplete", "failed"):
