@@ -337,8 +337,7 @@ class FallbackCall(UpstreamCall):
                     continue
                 verdict, why = judge(payloads, whole_events)
                 if verdict == FAILED:
-                    self._settle(True, why)
-                    if not self.committed and self._take_next(self.upstream):
+                    if self._failed(why):
                         switching = True
                         break
                 elif verdict == OUTPUT:
@@ -353,11 +352,9 @@ class FallbackCall(UpstreamCall):
                 held = []
             else:
                 if not self._settled:  # the upstream ended its stream without any output
-                    self._settle(True, "no_output")
-                    switching = not self.committed and self._take_next(self.upstream)
+                    switching = self._failed("no_output")
         except StreamFailure as failure:  # the connection broke, a timeout, an event too large
-            self._settle(True, failure.type)
-            if self.committed or not self._take_next(self.upstream):
+            if not self._failed(failure.type):
                 if held:
                     yield held
                 raise
@@ -369,6 +366,11 @@ class FallbackCall(UpstreamCall):
         if held:
             yield held  # for the framing to tell the client what was wrong with it
         return None
+
+    def _failed(self, why: str) -> bool:
+        """The upstream failed before its first output (`why`): whether the next one is asked."""
+        self._settle(True, why)
+        return not self.committed and self._take_next(self.upstream)
 
     def _switch(self) -> httpx2.Response:
         """Ask the next upstreams, as before the response started (in the event loop, with this
