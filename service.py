@@ -80,7 +80,7 @@ from relay.replay import ReplayStoreUnavailable, new_stream_id, owner_digest
 from relay.response import RelayResponse
 from relay.runtime import Runtime
 from relay.serving import AppFromEnvironment, serve
-from relay.tracing import follow_round, observed, server_spans, telemetry_for
+from relay.tracing import follow_round, server_spans, telemetry_for
 from relay.transcript import Transcript
 from relay.upstream import (
     Opener,
@@ -140,7 +140,7 @@ def relay_pass_through(request: Request, call: UpstreamCall, response: httpx2.Re
     async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
         serving_call.set(call)
         try:
-            async for payloads in iterate_in_threadpool(observed(call, answer_events(call, response, framing.whole_events))):
+            async for payloads in iterate_in_threadpool(answer_events(call, response, framing.whole_events)):
                 pieces = framing.pieces
                 frames = framing.events(payloads)
                 if frames:
@@ -263,7 +263,7 @@ async def chat(request: Request) -> Response:
         while True:
             serving_call.set(round_call)
             try:
-                async for payloads in iterate_in_threadpool(observed(round_call, answer_events(round_call, round_response))):
+                async for payloads in iterate_in_threadpool(answer_events(round_call, round_response)):
                     await emit(transcript.read(payloads))  # also when empty: see AnswerProducer.emit
                     if transcript.failure is not None:
                         raise transcript.failure

@@ -45,6 +45,7 @@ from relay.config import Settings
 from relay.errors import ServiceError, StreamFailure
 from relay.events import DONE, event_data, upstream_events
 from relay.observability import Metrics
+from relay.tracing import observed
 from relay.upstream import Opener, UpstreamCall, UpstreamClient, make_openai_client
 
 log = logging.getLogger(__name__)
@@ -389,10 +390,10 @@ class FallbackCall(UpstreamCall):
 
 def answer_events(call: UpstreamCall, response: httpx2.Response, whole_events: bool = False) -> Iterator[list[bytes]]:
     """The upstream's events as the client gets them: `upstream_events`, from whichever upstream
-    answers when `call` may fall back to another."""
+    answers when `call` may fall back to another, each batch shown to the call's trace first."""
     if isinstance(call, FallbackCall) and call.upstreams.several:
-        return call.events(response, whole_events)
-    return upstream_events(call, response, whole_events)
+        return observed(call, call.events(response, whole_events))
+    return observed(call, upstream_events(call, response, whole_events))
 
 
 def judge_refusal(error: ServiceError) -> tuple[int | None, bool]:
