@@ -281,13 +281,11 @@ class Reservation:
         self.prompt, self.cost, self.exchange = prompt, cost, exchange
         self.asks = asks  # the request asks the model for an answer (it has a body): its tokens count
         self.shared = shared
-        self.released = False
 
     def release(self, used: int | None = None) -> None:
         """Give the stream back and settle the tokens: to `used`, else to the answer's usage."""
-        if self.released:
-            return
-        self.released = True
+        if self.limits.outstanding.pop(self.lease, None) is None:
+            return  # released already
         if used is None:
             used = tokens_used(self.exchange.usage, self.prompt, self.exchange.chunks) if self.asks else 0
         self.limits.settle(self, used)
@@ -296,7 +294,7 @@ class Reservation:
 class KeyLimits:
     """Both stores' interface and what they share: whose key a request sends, the estimate, the
     headers, the refusals, the metrics, and this process's own counts. `take` (and, in Redis,
-    `settle_shared`) are each store's own."""
+    `queue_settlement`) are each store's own."""
 
     kind = "none"
 
@@ -338,18 +336,17 @@ class KeyLimits:
         return reservation
 
     def settle(self, reservation: Reservation, used: int) -> None:
-        self.outstanding.pop(reservation.lease, None)
         self.here.give_back(reservation.policy, reservation.cost, used)
         if used:
             self.tokens.labels(reservation.policy.label).inc(used)
         if reservation.shared:
-            self.settle_shared(reservation, used)
+            self.queue_settlement(reservation.policy, reservation.lease, used)
 
     async def take(self, policy: KeyPolicy, lease: str, cost: int) -> Standing:
         """Check the key's limits, and take a stream, a request and `cost` tokens if they allow it."""
         raise NotImplementedError
 
-    def settle_shared(self, reservation: Reservation, used: int) -> None:
+    def queue_settlement(self, policy: KeyPolicy, lease: str, used: int) -> None:
         """Settle in Redis, soon: `release` cannot wait for it."""
 
     async def start(self) -> None:
@@ -578,9 +575,6 @@ class RedisKeyLimits(KeyLimits):
         if self.away:
             self.away = False
             log.warning("Redis answers again: per-key limits are shared again.")
-
-    def settle_shared(self, reservation: Reservation, used: int) -> None:
-        self.queue_settlement(reservation.policy, reservation.lease, used)
 
     def queue_settlement(self, policy: KeyPolicy, lease: str, used: int) -> None:
         if len(self.settling) >= PENDING_SETTLEMENTS:
