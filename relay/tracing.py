@@ -153,7 +153,6 @@ class Telemetry:
         self.tracer: Tracer | None = None  # None until started: the hooks then do nothing
         self.propagator: TextMapPropagator | None = None
         self.instruments: Instruments | None = None
-        self.ledger: ExportLedger | None = None
         self.providers: list[Any] = []
         self.answers: OrderedDict[str, tuple[float, SpanContext]] = OrderedDict()
         self.answers_lock = threading.Lock()
@@ -166,7 +165,7 @@ class Telemetry:
 
         otel = self.settings
         resource = Resource.create({"service.name": otel.service_name})  # OTEL_RESOURCE_ATTRIBUTES added by the SDK
-        self.ledger = ExportLedger(metrics, otel.max_queue_size)
+        ledger = ExportLedger(metrics, otel.max_queue_size)
         # W3C trace context only: baggage would carry whatever the caller put in it on to the upstream.
         self.propagator = TraceContextTextMapPropagator()
         if otel.traces:
@@ -174,7 +173,7 @@ class Telemetry:
 
             # The SDK's own exit hook would wait for a dead collector; stop() bounds the wait instead.
             tracing = TracerProvider(resource=resource, shutdown_on_exit=False)
-            tracing.add_span_processor(bounded_span_batches(otel.max_queue_size, otel.max_export_batch_size, otel.schedule_delay_ms, self.ledger))
+            tracing.add_span_processor(bounded_span_batches(ledger, otel.max_export_batch_size, otel.schedule_delay_ms))
             self.providers.append(tracing)
             self.tracer = tracing.get_tracer(SCOPE_NAME)
         else:
@@ -182,7 +181,7 @@ class Telemetry:
         if otel.metrics:
             from opentelemetry.sdk.metrics import MeterProvider
 
-            reader = counted_metric_reader(otel.metric_export_interval_ms, self.ledger)
+            reader = counted_metric_reader(otel.metric_export_interval_ms, ledger)
             measuring = MeterProvider(resource=resource, metric_readers=[reader], shutdown_on_exit=False)
             self.providers.append(measuring)
             self.instruments = Instruments(measuring.get_meter(SCOPE_NAME))
@@ -224,7 +223,7 @@ class Telemetry:
         return kept[1] if kept is not None and kept[0] >= time.monotonic() else None
 
 
-def bounded_span_batches(capacity: int, batch: int, delay_ms: int, ledger: ExportLedger) -> SpanProcessor:
+def bounded_span_batches(ledger: ExportLedger, batch: int, delay_ms: int) -> SpanProcessor:
     """The SDK's batch span processor and OTLP/HTTP exporter (its background thread sends), with
     the ledger's bound in front of its queue and every failed export counted."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -246,7 +245,7 @@ def bounded_span_batches(capacity: int, batch: int, delay_ms: int, ledger: Expor
             if span.context is not None and span.context.trace_flags.sampled and ledger.admit():
                 super().on_end(span)
 
-    return BoundedBatchSpanProcessor(CountedSpanExporter(), max_queue_size=capacity, schedule_delay_millis=delay_ms, max_export_batch_size=batch)
+    return BoundedBatchSpanProcessor(CountedSpanExporter(), max_queue_size=ledger.capacity, schedule_delay_millis=delay_ms, max_export_batch_size=batch)
 
 
 def counted_metric_reader(interval_ms: int, ledger: ExportLedger) -> Any:
