@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from client import percentiles
 from run import HERE, Processes, machine, servers_stopped_at_the_end, start_service, start_upstream
 
 REQUEST = {"model": "bench-0", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 5}
@@ -103,11 +104,6 @@ def time_to_first_token(port: int) -> float:
         connection.close()
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -161,7 +157,9 @@ def main() -> None:
         print(header + "\n" + "-" * len(header))
         for row, count, values in rows:
             p50 = statistics.median(values)
-            cells = [f"{p50 * 1000:.2f}", f"{percentile(values, 0.9) * 1000:.2f}", f"{percentile(values, 0.99) * 1000:.2f}", f"{(p50 - base) * 1000:+.2f}"]
+            ranked = percentiles([round(value * 1e9) for value in values])  # nearest rank, as every bench figure
+            assert ranked is not None
+            cells = [f"{p50 * 1000:.2f}", f"{ranked['p90'] / 1000:.2f}", f"{ranked['p99'] / 1000:.2f}", f"{(p50 - base) * 1000:+.2f}"]
             print(f"{row:<68} {count:>7} {cells[0]:>7} {cells[1]:>7} {cells[2]:>7} {cells[3]:>9}")
         if args.quick:
             print("\nThis was a --quick smoke run: its figures are not comparable. Run without --quick to measure.")
